@@ -1,0 +1,1 @@
+"""Two-stage paradigm: encoder registry, offline feature extraction, MIL aggregators, bag training."""
