@@ -1,0 +1,479 @@
+"""Tissue segmentation and patch grids: slide -> coords HDF5 (+ QC thumbnail).
+
+The tissue mask is computed on a thumbnail: HSV saturation (stain is coloured,
+glass and background are grey), median-filtered, thresholded with Otsu, cleaned
+with a morphological closing and opening, components below a minimum area
+dropped, and holes larger than a minimum area kept out of the tissue (lumens,
+fat, tears) while pin-holes are filled. A regular grid at the target
+magnification keeps every patch whose tissue fraction reaches a threshold.
+
+The coords file follows the CLAM/TRIDENT convention so their tools read it:
+dataset `coords` (N, 2) int64, level-0 top-left (x, y); attrs `patch_size`,
+`patch_size_level0`, `target_magnification`, `level0_magnification`, plus `mpp`
+(level 0), `level`, `downsample` (of that level), `target_downsample`,
+`read_size` and the tiling parameters. A `tissue` dataset (N,) holds each
+patch's tissue fraction.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from bench import __version__
+from bench.console import info, progress
+from bench.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
+from bench.files import atomic_path, config_hash
+from bench.slides import LevelChoice, Slide
+
+COORDS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Tissue segmentation settings (areas in level-0 square microns, so they mean the
+    same thing on every scanner and thumbnail size)."""
+
+    thumbnail_max_side: int = 1024
+    median_size: int = 7
+    min_saturation: int = 15  # Otsu threshold is never below this: a blank slide stays blank
+    close_size: int = 5
+    open_size: int = 3
+    min_tissue_area_um2: float = 20_000.0
+    min_hole_area_um2: float = 5_000.0
+
+    def __post_init__(self) -> None:
+        for name in ("thumbnail_max_side", "median_size", "close_size", "open_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"tissue parameter {name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_saturation <= 255:
+            raise ConfigError(f"min_saturation must be within 0..255, got {self.min_saturation}")
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """Grid settings for one magnification."""
+
+    magnification: float = 20.0
+    patch_size: int = 256
+    tissue_threshold: float = 0.25
+    overlap: float = 0.0
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def __post_init__(self) -> None:
+        if not self.magnification > 0:
+            raise ConfigError(f"magnification must be positive, got {self.magnification}")
+        if not self.patch_size > 0:
+            raise ConfigError(f"patch_size must be positive, got {self.patch_size}")
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ConfigError(f"tissue_threshold must be within [0, 1], got {self.tissue_threshold}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be within [0, 1), got {self.overlap}")
+
+    def fingerprint(self) -> str:
+        return config_hash({"coords_version": COORDS_VERSION, **asdict(self)})
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    mask: np.ndarray  # (h, w) bool at thumbnail scale
+    downsample: float  # level-0 pixels per mask pixel
+    threshold: float  # saturation threshold used
+
+    @property
+    def area_level0(self) -> float:
+        """Tissue area in level-0 pixels."""
+        return float(self.mask.sum()) * self.downsample**2
+
+
+@dataclass(frozen=True)
+class Coords:
+    """A coords file in memory."""
+
+    coords: np.ndarray  # (N, 2) int64, level-0 top-left
+    patch_size: int
+    patch_size_level0: int
+    target_magnification: float
+    level0_magnification: float
+    mpp: float
+    level: int
+    downsample: float
+    target_downsample: float
+    read_size: int
+    tissue: np.ndarray | None = None  # (N,) tissue fraction per patch
+    attrs: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def level_choice(self) -> LevelChoice:
+        return LevelChoice(
+            level=self.level,
+            level_downsample=self.downsample,
+            target_downsample=self.target_downsample,
+            patch_size=self.patch_size,
+            read_size=self.read_size,
+            patch_size_level0=self.patch_size_level0,
+            target_mpp=self.mpp * self.target_downsample,
+        )
+
+
+# --- tissue -------------------------------------------------------------------------------
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (maximises between-class variance)."""
+    hist = np.bincount(values.ravel().astype(np.uint8), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    m0 = np.cumsum(hist * levels)
+    mean_total = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_total * w0 - total * m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1
+    return float(np.argmax(between))
+
+
+def tissue_mask(thumbnail: np.ndarray, downsample: float, mpp: float, params: TissueParams) -> TissueMask:
+    """Tissue mask of an RGB thumbnail whose pixels are `downsample` level-0 pixels wide."""
+    from scipy import ndimage
+
+    sat = Image.fromarray(thumbnail).convert("HSV").getchannel("S")
+    sat = np.asarray(sat.filter(ImageFilter.MedianFilter(params.median_size | 1)))  # PIL needs an odd size
+    threshold = max(otsu_threshold(sat), float(params.min_saturation))
+    mask = sat > threshold
+    mask = ndimage.binary_closing(mask, structure=np.ones((params.close_size,) * 2), border_value=0)
+    mask = ndimage.binary_opening(mask, structure=np.ones((params.open_size,) * 2))
+    um2_per_px = (downsample * mpp) ** 2
+    mask = _drop_small(mask, params.min_tissue_area_um2 / um2_per_px)
+    # holes: background components enclosed by tissue; small ones are filled
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    small_holes = _drop_small(holes, params.min_hole_area_um2 / um2_per_px, keep_small=True)
+    mask = mask | small_holes
+    return TissueMask(mask=mask, downsample=downsample, threshold=threshold)
+
+
+def _drop_small(mask: np.ndarray, min_px: float, keep_small: bool = False) -> np.ndarray:
+    """Remove connected components smaller than `min_px` (or keep only them)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_px
+    small[0] = False
+    keep = small if keep_small else ~small
+    keep[0] = False
+    return keep[labels]
+
+
+# --- grid ------------------------------------------------------------------------------------
+
+
+def patch_grid(width: int, height: int, patch_size_level0: int, overlap: float = 0.0) -> np.ndarray:
+    """Top-left corners (N, 2) of full patches inside a width x height slide."""
+    step = max(1, int(round(patch_size_level0 * (1 - overlap))))
+    xs = np.arange(0, width - patch_size_level0 + 1, step, dtype=np.int64)
+    ys = np.arange(0, height - patch_size_level0 + 1, step, dtype=np.int64)
+    if xs.size == 0 or ys.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def tissue_fractions(mask: TissueMask, coords: np.ndarray, patch_size_level0: int) -> np.ndarray:
+    """Fraction of tissue pixels under each patch, from an integral image of the mask."""
+    if len(coords) == 0:
+        return np.zeros(0, dtype=np.float32)
+    m = mask.mask.astype(np.int64)
+    h, w = m.shape
+    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+    ds = mask.downsample
+    x0 = np.clip(np.floor(coords[:, 0] / ds).astype(np.int64), 0, w)
+    y0 = np.clip(np.floor(coords[:, 1] / ds).astype(np.int64), 0, h)
+    x1 = np.clip(np.ceil((coords[:, 0] + patch_size_level0) / ds).astype(np.int64), 0, w)
+    y1 = np.clip(np.ceil((coords[:, 1] + patch_size_level0) / ds).astype(np.int64), 0, h)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (inside / area).astype(np.float32)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def write_coords(path: Path, coords: Coords) -> Path:
+    """Write a coords HDF5 atomically."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=coords.coords.astype(np.int64))
+            if coords.tissue is not None:
+                f.create_dataset("tissue", data=coords.tissue.astype(np.float32))
+            attrs = {
+                "patch_size": coords.patch_size,
+                "patch_size_level0": coords.patch_size_level0,
+                "target_magnification": coords.target_magnification,
+                "level0_magnification": coords.level0_magnification,
+                "mpp": coords.mpp,
+                "level": coords.level,
+                "downsample": coords.downsample,
+                "target_downsample": coords.target_downsample,
+                "read_size": coords.read_size,
+                **coords.attrs,
+            }
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+                f.attrs[key] = value  # TRIDENT reads file attrs, CLAM dataset attrs
+    return path
+
+
+def read_coords(path: str | Path) -> Coords:
+    """Read and check a coords HDF5 (ours, CLAM's or TRIDENT's)."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"coords file {path} does not exist; run `bench tile` for this slide first")
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise DataError(f"{path} has no 'coords' dataset; it is not a coords file")
+            ds = f["coords"]
+            arr = np.asarray(ds[()], dtype=np.int64)
+            attrs = {**{k: _py(v) for k, v in f.attrs.items()}, **{k: _py(v) for k, v in ds.attrs.items()}}
+            tissue = np.asarray(f["tissue"][()], dtype=np.float32) if "tissue" in f else None
+    except OSError as exc:
+        raise DataError(f"cannot read coords file {path} ({exc}); delete it and rerun `bench tile`") from None
+    if arr.ndim != 2 or (arr.size and arr.shape[1] != 2):
+        raise DataError(f"{path}: coords must have shape (N, 2), got {arr.shape}")
+    arr = arr.reshape(-1, 2)
+    missing = [k for k in ("patch_size", "patch_size_level0") if k not in attrs]
+    if missing:
+        raise DataError(f"{path}: coords attrs lack {missing}; re-tile the slide with `bench tile`")
+    ps = int(attrs["patch_size"])
+    ps0 = int(attrs["patch_size_level0"])
+    target_ds = float(attrs.get("target_downsample", ps0 / ps))
+    level0_mag = float(attrs.get("level0_magnification", 0) or 0)
+    mpp = float(attrs.get("mpp", 10.0 / level0_mag if level0_mag else 0) or 0)
+    known = {"patch_size", "patch_size_level0", "target_magnification", "level0_magnification", "mpp", "level",
+             "downsample", "target_downsample", "read_size"}
+    return Coords(
+        coords=arr,
+        patch_size=ps,
+        patch_size_level0=ps0,
+        target_magnification=float(attrs.get("target_magnification", 0) or 0),
+        level0_magnification=level0_mag,
+        mpp=mpp,
+        level=int(attrs.get("level", attrs.get("patch_level", 0))),
+        downsample=float(attrs.get("downsample", 1.0)) if np.ndim(attrs.get("downsample", 1.0)) == 0 else 1.0,
+        target_downsample=target_ds,
+        read_size=int(attrs.get("read_size", ps0 if int(attrs.get("level", attrs.get("patch_level", 0))) == 0 else ps)),
+        tissue=tissue,
+        attrs={k: v for k, v in attrs.items() if k not in known},
+    )
+
+
+def _py(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --- one slide ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileResult:
+    slide_id: str
+    coords_path: Path
+    qc_path: Path | None
+    n_patches: int
+    tissue_area_mm2: float
+    seconds: float
+    skipped: bool  # True when an up-to-date file already existed
+
+
+def tile_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    params: TileParams = TileParams(),
+    *,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    qc: bool = True,
+    force: bool = False,
+) -> TileResult:
+    """Segment tissue and write `<out_dir>/<slide_id>.h5` (+ `qc/<slide_id>.png`).
+
+    An existing coords file made with the same parameters is kept as is (resume).
+
+    Raises:
+        SlideError: the slide cannot be opened or read, or has no resolution.
+        DataError: no tissue patch passes the threshold.
+    """
+    slide_path = Path(slide_path)
+    slide_id = slide_id or slide_path.stem
+    out_dir = Path(out_dir)
+    coords_path = out_dir / f"{slide_id}.h5"
+    qc_path = out_dir / "qc" / f"{slide_id}.png"
+    fingerprint = params.fingerprint()
+    if not force and coords_path.exists():
+        try:
+            existing = read_coords(coords_path)
+        except BenchError:
+            existing = None  # damaged: redo
+        if existing is not None and existing.attrs.get("params_hash") == fingerprint and (not qc or qc_path.exists()):
+            area = float(existing.attrs.get("tissue_area_mm2", float("nan")))
+            return TileResult(slide_id, coords_path, qc_path if qc else None, len(existing), area, 0.0, True)
+    start = time.perf_counter()
+    with Slide(slide_path, mpp=mpp) as slide:
+        choice = slide.level_for(magnification=params.magnification, patch_size=params.patch_size)
+        thumb, thumb_ds = slide.thumbnail(params.tissue.thumbnail_max_side)
+        mask = tissue_mask(thumb, thumb_ds, slide.mpp, params.tissue)
+        grid = patch_grid(*slide.dimensions, choice.patch_size_level0, params.overlap)
+        fractions = tissue_fractions(mask, grid, choice.patch_size_level0)
+        keep = fractions >= max(params.tissue_threshold, 1e-9)
+        coords_arr, kept_fractions = grid[keep], fractions[keep]
+        tissue_mm2 = mask.area_level0 * (slide.mpp / 1000.0) ** 2
+        if len(coords_arr) == 0:
+            raise DataError(
+                f"slide {slide_id} has no tissue patch at {params.magnification:g}x/{params.patch_size}px "
+                f"(tissue area {tissue_mm2:.3g} mm2, threshold {params.tissue_threshold}). Check the slide, "
+                "or lower tissue_threshold / min_saturation if its stain is very faint."
+            )
+        coords = Coords(
+            coords=coords_arr,
+            patch_size=choice.patch_size,
+            patch_size_level0=choice.patch_size_level0,
+            target_magnification=float(params.magnification),
+            level0_magnification=slide.magnification,
+            mpp=slide.mpp,
+            level=choice.level,
+            downsample=choice.level_downsample,
+            target_downsample=choice.target_downsample,
+            read_size=choice.read_size,
+            tissue=kept_fractions,
+            attrs={
+                "name": slide_id,
+                "mpp_source": slide.mpp_source,
+                "tissue_threshold": params.tissue_threshold,
+                "overlap": params.overlap,
+                "tissue_area_mm2": tissue_mm2,
+                "params_hash": fingerprint,
+                "harness_version": __version__,
+                "level_dimensions": np.asarray(slide.level_dimensions[choice.level], dtype=np.int64),
+            },
+        )
+        if qc:
+            save_qc(qc_path, thumb, mask, coords_arr, choice.patch_size_level0, thumb_ds)
+        write_coords(coords_path, coords)
+    return TileResult(slide_id, coords_path, qc_path if qc else None, len(coords_arr), tissue_mm2,
+                      time.perf_counter() - start, False)
+
+
+def save_qc(path: Path, thumb: np.ndarray, mask: TissueMask, coords: np.ndarray, ps0: int, thumb_ds: float) -> None:
+    """QC thumbnail: tissue contour in green, kept patches outlined in blue."""
+    from scipy import ndimage
+
+    img = Image.fromarray(thumb).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for x, y in coords:
+        x0, y0 = x / thumb_ds, y / thumb_ds
+        side = ps0 / thumb_ds
+        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=(40, 90, 220))
+    arr = np.asarray(img).copy()
+    edge = mask.mask & ~ndimage.binary_erosion(mask.mask, iterations=max(1, round(min(arr.shape[:2]) / 500)))
+    if edge.shape == arr.shape[:2]:
+        arr[edge] = (20, 200, 60)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+# --- many slides ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+
+
+@dataclass
+class BatchReport:
+    done: list[TileResult] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (slide_id, reason)
+
+    @property
+    def n_patches(self) -> int:
+        return sum(r.n_patches for r in self.done)
+
+
+def tile_slides(
+    jobs: Sequence[SlideJob] | Iterable[SlideJob],
+    out_dir: str | Path,
+    params: TileParams = TileParams(),
+    *,
+    qc: bool = True,
+    force: bool = False,
+) -> BatchReport:
+    """Tile many slides; a slide that fails is skipped, listed in `skipped.csv`, and the rest go on."""
+    out_dir = Path(out_dir)
+    jobs = list(jobs)
+    report = BatchReport()
+    bar = progress(jobs, desc=f"tile {params.magnification:g}x", unit="slide")
+    for job in bar:
+        try:
+            result = tile_slide(job.path, out_dir, params, slide_id=job.slide_id, mpp=job.mpp, qc=qc, force=force)
+        except (SlideError, DataError, MissingFileError, ConfigError) as exc:
+            report.skipped.append((job.slide_id, str(exc)))
+            continue
+        report.done.append(result)
+    write_skip_report(out_dir / "skipped.csv", report.skipped)
+    return report
+
+
+def write_skip_report(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """Write (or remove, when nothing was skipped) a `slide_id,reason` report."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["slide_id", "reason"])
+            writer.writerows(skipped)
+
+
+def summarize(report: BatchReport, out_dir: Path) -> None:
+    new = [r for r in report.done if not r.skipped]
+    info(
+        f"tiled {len(report.done)} slides into {out_dir} ({len(new)} new, {len(report.done) - len(new)} up to date), "
+        f"{report.n_patches} patches"
+        + (f"; skipped {len(report.skipped)} (see {out_dir / 'skipped.csv'})" if report.skipped else "")
+    )
+    for slide_id, reason in report.skipped:
+        info(f"  skipped {slide_id}: {reason}")
+
+
+__all__ = [
+    "Coords", "TileParams", "TissueParams", "TissueMask", "TileResult", "SlideJob", "BatchReport",
+    "otsu_threshold", "tissue_mask", "patch_grid", "tissue_fractions", "read_coords", "write_coords",
+    "tile_slide", "tile_slides", "save_qc",
+]
