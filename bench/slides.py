@@ -115,24 +115,16 @@ class Slide:
 
     # --- resolution -------------------------------------------------------------------
     def _read_mpp(self) -> tuple[float, str]:
-        props = self.properties
-        values = [_positive_float(props.get(k)) for k in ("openslide.mpp-x", "openslide.mpp-y")]
-        if values[0] is not None:
-            return (values[0] + (values[1] or values[0])) / 2, "openslide"
-        res, unit = _positive_float(props.get("tiff.XResolution")), props.get("tiff.ResolutionUnit", "").lower()
-        microns = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
-        if res is not None and microns is not None:
-            return microns / res, "tiff"
-        power = _positive_float(props.get("openslide.objective-power"))
-        if power is not None:
-            return magnification_to_mpp(power), "objective-power"
-        self.close()
-        raise SlideError(
-            f"slide {self.path} records no resolution (no openslide.mpp-x, TIFF resolution or objective power). "
-            "Give its level-0 microns per pixel with an `mpp` column in the cohort's labels.csv, "
-            "or an `mpp = ...` key for the dataset in the suite file.",
-            slide=self.name,
-        )
+        found = mpp_from_properties(self.properties)
+        if found is None:
+            self.close()
+            raise SlideError(
+                f"slide {self.path} records no resolution (no openslide.mpp-x, TIFF resolution or objective power). "
+                "Give its level-0 microns per pixel with an `mpp` column in the cohort's labels.csv, "
+                "or an `mpp = ...` key for the dataset in the suite file.",
+                slide=self.name,
+            )
+        return found
 
     @property
     def magnification(self) -> float:
@@ -243,6 +235,25 @@ class Slide:
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
     """Open a slide; errors are SlideError / MissingFileError with the slide's name."""
     return Slide(path, mpp=mpp)
+
+
+def mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:
+    """(level-0 mpp, source) from OpenSlide properties, or None when they hold no resolution.
+
+    Sources in order: `openslide.mpp-x/y` (mean of both), TIFF resolution tags in
+    centimetre or inch units, objective power (10 / power).
+    """
+    mpp_x, mpp_y = (_positive_float(props.get(k)) for k in ("openslide.mpp-x", "openslide.mpp-y"))
+    if mpp_x is not None:
+        return (mpp_x + (mpp_y or mpp_x)) / 2, "openslide"
+    res, unit = _positive_float(props.get("tiff.XResolution")), props.get("tiff.ResolutionUnit", "").lower()
+    microns = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if res is not None and microns is not None:
+        return microns / res, "tiff"
+    power = _positive_float(props.get("openslide.objective-power"))
+    if power is not None:
+        return magnification_to_mpp(power), "objective-power"
+    return None
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -171,10 +171,13 @@ def plan_cohort(spec: SyntheticSpec) -> tuple[list[SlidePlan], dict[str, tuple[f
     # event time ~ Exponential(rate = lambda0 * exp(beta * score)), months
     rate = 0.02 * np.exp(2.5 * s)
     event_time = rng.exponential(1.0 / rate)
-    censor_time = rng.uniform(0, np.quantile(event_time, 0.9) * 1.6, size=s.size)
-    for p, (t, c) in enumerate(zip(event_time, censor_time)):
-        event = int(t <= c)
-        outcomes[f"P{p:04d}"] = (round(float(min(t, c)), 2) + 0.01, event)
+    # censoring: a random 40% of patients (independent of the score) are lost to follow-up at a
+    # uniform time before their event, so the censored share is 40% exactly, within the 30-50% asked for
+    censored = np.zeros(s.size, dtype=bool)
+    censored[rng.permutation(s.size)[: int(round(0.4 * s.size))]] = True
+    observed = np.where(censored, event_time * rng.uniform(0.1, 0.95, size=s.size), event_time)
+    for p in range(s.size):
+        outcomes[f"P{p:04d}"] = (round(float(observed[p]), 2) + 0.01, int(not censored[p]))
     return plans, outcomes
 
 
@@ -321,8 +324,8 @@ class TileRenderer:
 
 
 def pyramid_downsamples(width: int, height: int, min_side: int = 512, factor: int = 4) -> list[int]:
-    """Downsamples 1, 4, 16, ... while the level's longer side stays >= min_side."""
-    out = [1]
+    """Downsamples 1, 4, 16, ...: always two levels, more while the longer side stays >= min_side."""
+    out = [1, factor]
     while max(width, height) / (out[-1] * factor) >= min_side:
         out.append(out[-1] * factor)
     return out
@@ -393,9 +396,17 @@ def write_slide(spec: SyntheticSpec, plan: SlidePlan, out_dir: Path) -> dict:
     for name, mask in (("tissue", tissue), ("lesion", lesion)):
         with atomic_path(out_dir / "masks" / f"{plan.slide_id}.{name}.png") as tmp:
             Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+    return _truth(spec, plan, tissue, lesion)
+
+
+def _truth(spec: SyntheticSpec, plan: SlidePlan, tissue: np.ndarray, lesion: np.ndarray) -> dict:
+    """Ground-truth summary of one slide for cohort.json."""
     ds = spec.mask_downsample
     crop = (slice(0, spec.height // ds), slice(0, spec.width // ds))  # whole mask pixels inside the slide
     return {
+        "label": plan.label,
+        "patient_id": plan.patient_id,
+        "score": plan.score,
         "tissue_area_px": float(tissue[crop].sum()) * ds * ds,
         "tissue_fraction": float(tissue[crop].mean()),
         "lesion_fraction_of_tissue": float(lesion[crop].sum() / max(tissue[crop].sum(), 1)),
@@ -426,11 +437,7 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path) -> Path:
         lesion_png = out_dir / "masks" / f"{plan.slide_id}.lesion.png"
         if slide_file.exists() and lesion_png.exists():
             tissue, lesion, _ = make_maps(spec, plan)  # cheap: recompute the truth summary
-            ds = spec.mask_downsample
-            crop = (slice(0, spec.height // ds), slice(0, spec.width // ds))
-            truth[plan.slide_id] = {"tissue_area_px": float(tissue[crop].sum()) * ds * ds,
-                                    "tissue_fraction": float(tissue[crop].mean()),
-                                    "lesion_fraction_of_tissue": float(lesion[crop].sum() / max(tissue[crop].sum(), 1))}
+            truth[plan.slide_id] = _truth(spec, plan, tissue, lesion)
             continue
         truth[plan.slide_id] = write_slide(spec, plan, out_dir)
     rows = []

@@ -142,7 +142,13 @@ def otsu_threshold(values: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mean_total * w0 - total * m0) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = -1
-    return float(np.argmax(between))
+    if between.max() <= 0:  # a single grey level: nothing to separate
+        return float(np.flatnonzero(hist)[0])
+    # every threshold inside an empty gap between the modes scores the same: take the middle
+    # of that plateau, not its first value, so the cut sits away from both modes
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
+    run = best[: np.argmax(np.diff(np.append(best, best[-1] + 2)) > 1) + 1]
+    return float((run[0] + run[-1]) // 2)
 
 
 def tissue_mask(thumbnail: np.ndarray, downsample: float, mpp: float, params: TissueParams) -> TissueMask:

@@ -1,0 +1,119 @@
+"""Synthetic cohorts: deterministic, real slides, labels carried by sparse lesions."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.errors import ConfigError
+from bench.slides import open_slide
+from bench.synthetic import SyntheticSpec, load_mask, make_cohort, mask_fraction, plan_cohort
+from bench.tiling import TileParams, read_coords, tile_slide
+
+
+def test_same_seed_same_bytes(tmp_path):
+    spec = SyntheticSpec(kind="subtyping", n_slides=2, width=768, height=512, seed=3)
+    a, b = make_cohort(spec, tmp_path / "a"), make_cohort(spec, tmp_path / "b")
+    for rel in ("labels.csv", "slides/S0000.tif", "slides/S0001.tif", "masks/S0001.lesion.png"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    other = make_cohort(SyntheticSpec(kind="subtyping", n_slides=2, width=768, height=512, seed=4), tmp_path / "c")
+    assert (other / "slides/S0000.tif").read_bytes() != (a / "slides/S0000.tif").read_bytes()
+
+
+def test_settings_mismatch_is_refused(tmp_path):
+    make_cohort(SyntheticSpec(kind="subtyping", n_slides=2, width=768, height=512), tmp_path / "x")
+    with pytest.raises(ConfigError, match="other settings"):
+        make_cohort(SyntheticSpec(kind="grading", n_slides=2, width=768, height=512), tmp_path / "x")
+
+
+def test_resume_rewrites_only_missing_slides(tmp_path):
+    spec = SyntheticSpec(kind="grading", n_slides=3, width=768, height=512)
+    root = make_cohort(spec, tmp_path / "r")
+    keep = (root / "slides/S0000.tif").stat().st_mtime_ns
+    original = (root / "slides/S0002.tif").read_bytes()
+    (root / "slides/S0002.tif").unlink()
+    (root / "cohort.json").unlink()  # as if killed before the manifest was written
+    make_cohort(spec, root)
+    assert (root / "slides/S0000.tif").stat().st_mtime_ns == keep
+    assert (root / "slides/S0002.tif").read_bytes() == original
+
+
+def test_slides_open_with_levels_and_mpp(synthetic_cohort):
+    root = synthetic_cohort("subtyping", n_slides=6)
+    with open_slide(root / "slides" / "S0000.tif") as s:
+        assert s.dimensions == (1024, 768)
+        assert s.level_count >= 2 and s.level_downsamples[1] == pytest.approx(4.0)
+        assert s.mpp == pytest.approx(0.5) and s.mpp_source == "openslide"
+
+
+def test_subtyping_labels_are_imbalanced_about_four_to_one():
+    plans, _ = plan_cohort(SyntheticSpec(kind="subtyping", n_slides=50, seed=1))
+    counts = Counter(p.label for p in plans)
+    assert counts[0] == 40 and counts[1] == 10
+    by_patient: dict[str, set] = {}
+    for p in plans:
+        by_patient.setdefault(p.patient_id, set()).add(p.label)
+    assert all(len(v) == 1 for v in by_patient.values())  # a patient has one label
+    assert len(by_patient) < 50  # some patients have two slides
+
+
+def test_grading_covers_all_grades_and_lesions_grow():
+    plans, _ = plan_cohort(SyntheticSpec(kind="grading", n_slides=12))
+    assert sorted(Counter(p.label for p in plans)) == [0, 1, 2, 3, 4, 5]
+    by_grade = {p.label: p for p in plans}
+    assert by_grade[0].lesion is None and by_grade[0].n_lesions == 0
+    extents = [by_grade[g].lesion_fraction for g in range(1, 6)]
+    radii = [by_grade[g].lesion.radius_um for g in range(1, 6)]
+    assert extents == sorted(extents) and radii == sorted(radii)
+
+
+def test_survival_censoring_and_hazard():
+    plans, outcomes = plan_cohort(SyntheticSpec(kind="survival", n_slides=400, seed=2))
+    per_patient = Counter(p.patient_id for p in plans)
+    assert set(per_patient.values()) <= {1, 2, 3} and max(per_patient.values()) > 1
+    events = np.array([e for _, e in outcomes.values()])
+    assert 0.3 <= 1 - events.mean() <= 0.5
+    score = {p.patient_id: p.score for p in plans}
+    times = np.array([outcomes[pid][0] for pid in outcomes])
+    s = np.array([score[pid] for pid in outcomes])
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(s[events == 1], times[events == 1]).statistic
+    assert rho < -0.3  # higher morphology score, earlier event
+
+
+def test_labels_csv_columns(synthetic_cohort):
+    sub = pd.read_csv(synthetic_cohort("subtyping", n_slides=6) / "labels.csv")
+    assert list(sub.columns) == ["slide_id", "patient_id", "label"] and set(sub.label) <= {"IDC", "ILC"}
+    surv = pd.read_csv(synthetic_cohort("survival", n_slides=6) / "labels.csv")
+    assert list(surv.columns) == ["slide_id", "patient_id", "time", "event"]
+    assert (surv.time > 0).all() and set(surv.event) <= {0, 1}
+    assert surv.groupby("patient_id")[["time", "event"]].nunique().max().max() == 1
+
+
+def test_lesions_are_a_minority_and_their_morphology_carries_the_label(synthetic_cohort, tmp_path):
+    root = synthetic_cohort("subtyping", n_slides=6)
+    meta = json.loads((root / "cohort.json").read_text())
+    dark = {0: [], 1: []}
+    normal = {0: [], 1: []}
+    for slide_id, t in meta["truth"].items():
+        assert 0 < t["lesion_fraction_of_tissue"] < 0.25
+        r = tile_slide(root / "slides" / f"{slide_id}.tif", tmp_path, TileParams(magnification=20, patch_size=64))
+        c = read_coords(r.coords_path)
+        mask, ds = load_mask(root, slide_id, "lesion")
+        frac = mask_fraction(mask, ds, c.coords, c.patch_size_level0)
+        with open_slide(root / "slides" / f"{slide_id}.tif") as s:
+            for (x, y), f in zip(c.coords, frac):
+                if f > 0.9 or f == 0:
+                    patch = s.read_patch(int(x), int(y), c.level_choice).astype(float)
+                    nuclei = (patch.sum(axis=2) < 400).mean()  # dark purple pixels
+                    (dark if f > 0.9 else normal)[t["label"]].append(nuclei)
+    # lesions hold many more nucleus pixels than normal tissue, and IDC-like lesions more than ILC-like
+    assert np.mean(dark[0]) > 2 * np.mean(normal[0])
+    assert np.mean(dark[0]) > 1.5 * np.mean(dark[1])
+    # outside lesions the two classes look alike
+    assert abs(np.mean(normal[0]) - np.mean(normal[1])) < 0.5 * np.mean(normal[0])
