@@ -348,6 +348,7 @@ class _CategoricalTask(_TaskBase):
             bad = (values != np.round(values)) | (values < 0) | (values >= self.n_outputs)
             if bad.any():
                 v = raw.iloc[int(np.flatnonzero(bad)[0])]
+                v = v.item() if hasattr(v, "item") else v
                 raise DataError(
                     f"{what}: label {v!r} is outside the {self.kind} classes 0..{self.n_outputs - 1} "
                     f"({list(self.classes)}); fix the label or the task's classes"
@@ -634,10 +635,12 @@ class SurvivalTask(_TaskBase):
             raise DataError("survival risks contain NaN or inf; the model diverged or the predictions file is damaged")
         event = np.asarray(targets.event, dtype=bool)
         time = np.asarray(targets.time, dtype=np.float64)
-        try:
-            c = concordance_index_censored(event, time, risk)[0]
-        except NoComparablePairException:
-            c = float("nan")
+        c = float("nan")
+        if event.any() and len(risk) >= 2:  # sksurv raises a bare ValueError for these
+            try:
+                c = concordance_index_censored(event, time, risk)[0]
+            except NoComparablePairException:
+                pass
         if not np.isfinite(c):
             raise DataError(
                 f"no comparable pair among {len(risk)} patients (an event before another patient's time); "
