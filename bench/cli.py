@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("synth", "bench.commands.synth"),
     ("tile", "bench.commands.tile"),
     ("split", "bench.commands.split"),
+    ("aggregators", "bench.commands.aggregators"),
 )
 
 

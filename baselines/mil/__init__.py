@@ -1,0 +1,118 @@
+"""MIL aggregators: one registry, one interface, one factory.
+
+Example:
+    >>> import torch
+    >>> from baselines.mil import build_aggregator
+    >>> model = build_aggregator("abmil", in_dim=1024, n_outputs=2, seed=0)
+    >>> out = model(torch.randn(1, 50, 1024))
+    >>> tuple(out.logits.shape), tuple(out.attention.shape)
+    ((1, 2), (1, 50))
+
+Registered names (`bench aggregators` lists them with sizes and defaults):
+mean, max, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx.
+Every model projects the features to `hidden_dim` (512) first and follows the
+interface of `baselines.mil.base` (MILOutput; how the trainer weighs `aux_loss`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from baselines.mil.abmil import ABMIL
+from baselines.mil.abmilx import ABMILX
+from baselines.mil.base import MILAggregator, MILOutput, check_bag, count_parameters
+from baselines.mil.clam import CLAMSB
+from baselines.mil.dsmil import DSMIL
+from baselines.mil.gma import GMA
+from baselines.mil.pooling import MaxPoolMIL, MeanPoolMIL
+from baselines.mil.transmil import TransMIL
+from bench.errors import ConfigError
+from bench.registry import Registry
+
+__all__ = [
+    "AGGREGATORS",
+    "AggregatorSpec",
+    "MILAggregator",
+    "MILOutput",
+    "build_aggregator",
+    "check_bag",
+    "count_parameters",
+]
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """A registered aggregator: its class, its default parameters and a one-line summary."""
+
+    name: str
+    cls: Callable[..., MILAggregator]
+    defaults: Mapping[str, Any]
+    summary: str
+
+    @property
+    def permutation_invariant(self) -> bool:
+        return bool(getattr(self.cls, "permutation_invariant", False))
+
+    @property
+    def aux_weight(self) -> float:
+        return float(getattr(self.cls, "aux_weight", 0.0))
+
+
+def _spec(name: str, cls: type[MILAggregator], summary: str, **overrides: Any) -> AggregatorSpec:
+    """Defaults come from the class signature (after in_dim, n_outputs), then `overrides`."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]
+    defaults = {p.name: p.default for p in params}
+    unknown = set(overrides) - set(defaults)
+    assert not unknown, f"{name}: overrides {unknown} are not parameters of {cls.__name__}"
+    return AggregatorSpec(name, cls, MappingProxyType({**defaults, **overrides}), summary)
+
+
+AGGREGATORS: Registry[AggregatorSpec] = Registry[AggregatorSpec]("aggregator")
+for _s in (
+    _spec("mean", MeanPoolMIL, "mean pooling of projected instances"),
+    _spec("max", MaxPoolMIL, "max pooling of projected instances"),
+    _spec("abmil", ABMIL, "gated attention MIL (Ilse et al. 2018), as in CLAM"),
+    _spec("abmil-plain", ABMIL, "non-gated (tanh) attention MIL (Ilse et al. 2018)", gated=False),
+    _spec("clam-sb", CLAMSB, "CLAM single-branch with instance clustering loss (Lu et al. 2021)"),
+    _spec("transmil", TransMIL, "Nystrom transformer + PPEG (Shao et al. 2021)"),
+    _spec("dsmil", DSMIL, "dual-stream MIL, critical-instance attention (Li et al. 2021)"),
+    _spec("gma", GMA, "gated MIL attention of the GMA paper (Campanella et al.)"),
+    _spec("abmilx", ABMILX, "multi-head local attention + attention plus (ABMILX paper)"),
+):
+    AGGREGATORS.register(_s.name, _s)
+del _s
+
+
+def build_aggregator(name: str, in_dim: int, n_outputs: int, seed: int | None = None, **params: Any) -> MILAggregator:
+    """Build the aggregator `name` for `in_dim`-dimensional features and `n_outputs` outputs.
+
+    Args:
+        name: a registered name (`bench aggregators`).
+        in_dim: feature dimension of the bags it will receive.
+        n_outputs: number of logits (classes, or survival bins).
+        seed: if given, the weights are initialised from this seed without
+            touching the global torch RNG state.
+        **params: overrides of the spec's defaults; unknown names are a ConfigError.
+    """
+    spec = AGGREGATORS.get(name)
+    unknown = sorted(set(params) - set(spec.defaults))
+    if unknown:
+        bad = unknown[0]
+        close = difflib.get_close_matches(bad, list(spec.defaults), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown parameter {bad!r} for aggregator {name!r}{hint} Valid: {', '.join(spec.defaults)}"
+        )
+    kwargs = {**spec.defaults, **params}
+    if seed is None:
+        return spec.cls(in_dim, n_outputs, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.cls(in_dim, n_outputs, **kwargs)

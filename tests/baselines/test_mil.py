@@ -1,0 +1,261 @@
+"""One check suite over every registered MIL aggregator (shapes, gradients,
+padding, permutation, determinism, bad input), plus the registry and the CLI table."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from baselines.mil import AGGREGATORS, MILAggregator, build_aggregator, count_parameters
+from bench.errors import ConfigError, DataError
+
+IN_DIM = 12
+SMALL = {"hidden_dim": 16}  # every aggregator takes hidden_dim; 16 keeps the suite fast
+# TransMIL's 256 landmarks cost 256^3 per pseudo-inverse step whatever the bag size;
+# 8 landmarks still exercise the front padding and the landmark groups on 20-instance bags.
+EXTRA = {"transmil": {"n_landmarks": 8}}
+NAMES = AGGREGATORS.names()
+
+
+def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
+    return build_aggregator(name, IN_DIM, n_outputs, seed=1, **{**SMALL, **EXTRA.get(name, {}), **params})
+
+
+def test_registry_holds_every_aggregator_of_the_design():
+    assert set(NAMES) == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma", "abmilx"}
+    assert not AGGREGATORS.get("transmil").permutation_invariant
+    for name in ("mean", "max", "abmil", "abmil-plain", "gma", "abmilx"):
+        assert AGGREGATORS.get(name).permutation_invariant, name
+    assert AGGREGATORS.get("clam-sb").aux_weight == 0.3  # CLAM: 0.7 bag + 0.3 instance
+    assert AGGREGATORS.get("dsmil").aux_weight == 0.5
+
+
+def test_abmil_variants_differ_only_in_gating():
+    assert AGGREGATORS.get("abmil").defaults["gated"] is True
+    assert AGGREGATORS.get("abmil-plain").defaults["gated"] is False
+    assert build_aggregator("abmil", 8, 2).scorer.u is not None
+    assert build_aggregator("abmil-plain", 8, 2).scorer.u is None
+
+
+@pytest.mark.parametrize(
+    ("name", "paper_millions"),
+    [("abmil", 0.66), ("clam-sb", 0.79), ("transmil", 2.67), ("dsmil", 0.87), ("abmilx", 0.80)],
+)
+def test_parameter_counts_match_the_abmilx_paper_table_1(name, paper_millions):
+    # Table 1 lists aggregator sizes on ResNet-50 features (1024-d), 2 classes.
+    model = build_aggregator(name, 1024, 2)
+    assert round(count_parameters(model) / 1e6, 2) == paper_millions
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_no_nan_and_attention_is_a_distribution(name):
+    model = small(name).eval()
+    x = torch.randn(2, 21, IN_DIM)
+    out = model(x)
+    assert out.logits.shape == (2, 3)
+    assert out.attention.shape == (2, 21)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.attention).all()
+    assert (out.attention >= 0).all()
+    torch.testing.assert_close(out.attention.sum(dim=1), torch.ones(2), atol=1e-5, rtol=0)
+    if out.head_attention is not None:
+        assert out.head_attention.shape[0] == 2 and out.head_attention.shape[2] == 21
+        torch.testing.assert_close(out.head_attention.mean(dim=1), out.attention)
+    assert out.aux_loss is None  # eval mode never has an auxiliary loss
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_receives_a_gradient(name):
+    model = small(name).train()
+    x = torch.randn(3, 20, IN_DIM)
+    label = torch.tensor([0, 1, 2])  # every class, so each CLAM instance classifier is used
+    out = model(x, label=label)
+    loss = out.logits.square().sum()
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not bool((p.grad != 0).any())]
+    assert not missing, f"{name}: no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["clam-sb", "dsmil"])
+def test_auxiliary_loss_only_in_training_with_label(name):
+    model = small(name)
+    x = torch.randn(2, 20, IN_DIM)
+    label = torch.tensor([1, 2])
+    assert model.train()(x).aux_loss is None
+    aux = model.train()(x, label=label).aux_loss
+    assert aux is not None and aux.ndim == 0 and torch.isfinite(aux) and aux > 0
+    assert model.eval()(x, label=label).aux_loss is None
+    with pytest.raises(DataError, match="outside the classes"):
+        model.train()(x, label=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bag_of_one_instance(name):
+    model = small(name)
+    x = torch.randn(1, 1, IN_DIM)
+    out = model.eval()(x)
+    assert out.logits.shape == (1, 3) and torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.attention, torch.ones(1, 1))
+    train_out = model.train()(x, label=torch.tensor([2]))  # CLAM: no instance pair to sample
+    assert torch.isfinite(train_out.logits).all()
+    if train_out.aux_loss is not None:
+        assert torch.isfinite(train_out.aux_loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n", [2, 7, 50])
+def test_bags_of_varying_size(name, n):
+    out = small(name).eval()(torch.randn(1, n, IN_DIM))
+    assert out.logits.shape == (1, 3) and out.attention.shape == (1, n)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_bag_equals_the_bag_alone(name):
+    model = small(name).double().eval()
+    short, full = torch.randn(1, 9, IN_DIM).double(), torch.randn(1, 16, IN_DIM).double()
+    padded = torch.cat([short, torch.full((1, 7, IN_DIM), float("nan"), dtype=torch.double)], dim=1)
+    batch = torch.cat([padded, full])  # (2, 16, D), garbage (NaN) in the padding
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, 9:] = False
+
+    together = model(batch, mask=mask)
+    alone_short, alone_full = model(short), model(full)
+    torch.testing.assert_close(together.logits[0], alone_short.logits[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(together.logits[1], alone_full.logits[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(together.attention[0, :9], alone_short.attention[0], rtol=1e-9, atol=1e-10)
+    assert (together.attention[0, 9:] == 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permutation_invariance_where_promised(name):
+    model = small(name).double().eval()
+    x = torch.randn(1, 30, IN_DIM, dtype=torch.double)
+    perm = torch.randperm(30)
+    out, out_perm = model(x), model(x[:, perm])
+    if AGGREGATORS.get(name).permutation_invariant:
+        torch.testing.assert_close(out_perm.logits, out.logits, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(out_perm.attention, out.attention[:, perm], rtol=1e-9, atol=1e-10)
+    else:  # TransMIL: PPEG and the residual convolution see the order
+        assert not torch.allclose(out_perm.logits, out.logits, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_mode_is_deterministic_and_seed_fixes_weights(name):
+    x = torch.randn(2, 25, IN_DIM)
+    a, b = small(name).eval(), small(name).eval()  # same seed
+    first = a(x)
+    assert torch.equal(first.logits, a(x).logits)
+    assert torch.equal(first.attention, a(x).attention)
+    assert torch.equal(first.logits, b(x).logits)
+    state = torch.get_rng_state()
+    small(name)
+    assert torch.equal(state, torch.get_rng_state())  # seeding does not touch the global RNG
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_gives_clear_errors(name):
+    model = small(name).eval()
+    with pytest.raises(DataError, match=r"feature dimension 13 .* in_dim=12"):
+        model(torch.randn(1, 5, 13))
+    with pytest.raises(DataError, match="empty bag"):
+        model(torch.randn(1, 0, IN_DIM))
+    with pytest.raises(DataError, match="empty bag: bag 1"):
+        model(torch.randn(2, 4, IN_DIM), mask=torch.tensor([[True] * 4, [False] * 4]))
+    x = torch.randn(1, 6, IN_DIM)
+    x[0, 4, 2] = float("nan")
+    with pytest.raises(DataError, match="NaN or inf .* bag 0, instance 4"):
+        model(x)
+    with pytest.raises(DataError, match=r"shape \(B, N, D\).*unsqueeze"):
+        model(torch.randn(6, IN_DIM))
+    with pytest.raises(DataError, match="mask shape"):
+        model(torch.randn(1, 6, IN_DIM), mask=torch.ones(1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_parameter_names_the_valid_ones(name):
+    valid = list(AGGREGATORS.get(name).defaults)
+    with pytest.raises(ConfigError) as err:
+        build_aggregator(name, IN_DIM, 2, hiden_dim=8)
+    message = str(err.value)
+    assert "'hiden_dim'" in message and "did you mean 'hidden_dim'" in message
+    assert all(p in message for p in valid)
+
+
+def test_unknown_aggregator_lists_close_names():
+    with pytest.raises(ConfigError, match=r"unknown aggregator 'abmill'; did you mean: abmil"):
+        build_aggregator("abmill", IN_DIM, 2)
+    with pytest.raises(ConfigError, match="Known: .*transmil"):
+        build_aggregator("transformer-mil-xyz", IN_DIM, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "pattern"),
+    [
+        ("abmil", {"dropout": 1.5}, "dropout must be a number in"),
+        ("abmilx", {"n_heads": 5}, "hidden_dim=16 must be divisible by n_heads=5"),
+        ("abmilx", {"attn_plus_impl": "flash"}, "attn_plus_impl must be one of sdpa, naive"),
+        ("abmilx", {"act": "swish"}, "act must be one of"),
+        ("clam-sb", {"inst_loss": "hinge"}, "inst_loss must be one of ce, svm"),
+        ("transmil", {"n_landmarks": 0}, "n_landmarks must be an integer >= 1"),
+        ("mean", {"hidden_dim": "512"}, "hidden_dim must be an integer"),
+    ],
+)
+def test_bad_parameter_values(name, params, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_aggregator(name, IN_DIM, 2, **{**SMALL, **params})
+
+
+def test_mean_and_max_pooling_against_direct_formulas():
+    x = torch.randn(1, 10, IN_DIM, dtype=torch.double)
+    mean = small("mean").double().eval()
+    h = mean.proj(x)[0]  # (N, L)
+    torch.testing.assert_close(mean(x).logits[0], mean.classifier(h.mean(0)))
+    mx = small("max").double().eval()
+    h = mx.proj(x)[0]
+    torch.testing.assert_close(mx(x).logits[0], mx.classifier(h.max(0).values))
+    # attention of max pooling: share of dimensions each instance wins
+    wins = torch.bincount(h.argmax(0), minlength=10).double() / h.shape[1]
+    torch.testing.assert_close(mx(x).attention[0], wins)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_abmil_against_ilse_formula(gated):
+    model = small("abmil", gated=gated).double().eval()
+    x = torch.randn(1, 15, IN_DIM, dtype=torch.double)
+    h = model.proj(x)[0]  # (N, L)
+    s = model.scorer
+    raw = torch.tanh(h @ s.v.weight.T + s.v.bias)
+    if gated:
+        raw = raw * torch.sigmoid(h @ s.u.weight.T + s.u.bias)
+    a = torch.softmax((raw @ s.w.weight.T + s.w.bias)[:, 0], dim=0)  # (N,)
+    z = (a[:, None] * h).sum(0)
+    out = model(x)
+    torch.testing.assert_close(out.attention[0], a)
+    torch.testing.assert_close(out.logits[0], z @ model.classifier.weight.T + model.classifier.bias)
+
+
+def test_gma_has_the_gma_paper_sizes():
+    model = build_aggregator("gma", 1024, 2)
+    assert model.proj[0].out_features == 512
+    assert model.scorer.v.out_features == 384 and model.scorer.u.out_features == 384
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25]
+
+
+def test_cli_table_lists_every_aggregator_with_its_parameter_count(capsys):
+    from bench.commands import aggregators as verb
+
+    parser = argparse.ArgumentParser()
+    verb.add_arguments(parser)
+    assert verb.run(parser.parse_args([])) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[2:]}
+    assert set(rows) == set(NAMES)
+    for name in NAMES:
+        expected = count_parameters(build_aggregator(name, 1024, 2))
+        assert int(rows[name][2].strip().replace(",", "")) == expected
+        assert "hidden_dim=512" in rows[name][5]
