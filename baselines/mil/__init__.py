@@ -27,7 +27,7 @@ import torch
 
 from baselines.mil.abmil import ABMIL
 from baselines.mil.abmilx import ABMILX
-from baselines.mil.base import MILAggregator, MILOutput, check_bag, count_parameters
+from baselines.mil.base import MILAggregator, MILOutput, check_bag
 from baselines.mil.clam import CLAMSB
 from baselines.mil.dsmil import DSMIL
 from baselines.mil.gma import GMA
@@ -43,7 +43,6 @@ __all__ = [
     "MILOutput",
     "build_aggregator",
     "check_bag",
-    "count_parameters",
 ]
 
 

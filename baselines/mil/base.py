@@ -232,7 +232,3 @@ class MILAggregator(nn.Module):
         """x: (B, N, D) checked; mask: (B, N) bool or None when all valid."""
         raise NotImplementedError
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -24,7 +24,8 @@ def format_defaults(defaults: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from baselines.mil import AGGREGATORS, build_aggregator, count_parameters
+    from baselines.mil import AGGREGATORS, build_aggregator
+    from bench.costs import count_parameters
 
     rows = []
     for name, spec in AGGREGATORS.items():
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             [
                 name,
-                f"{count_parameters(model):,}",
+                f"{count_parameters(model).trainable:,}",
                 "yes" if spec.permutation_invariant else "no",
                 spec.aux_weight if spec.aux_weight else "-",
                 format_defaults(dict(spec.defaults)),

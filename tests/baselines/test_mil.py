@@ -8,7 +8,8 @@ import argparse
 import pytest
 import torch
 
-from baselines.mil import AGGREGATORS, MILAggregator, build_aggregator, count_parameters
+from baselines.mil import AGGREGATORS, MILAggregator, build_aggregator
+from bench.costs import count_parameters
 from bench.errors import ConfigError, DataError
 
 IN_DIM = 12
@@ -46,7 +47,7 @@ def test_abmil_variants_differ_only_in_gating():
 def test_parameter_counts_match_the_abmilx_paper_table_1(name, paper_millions):
     # Table 1 lists aggregator sizes on ResNet-50 features (1024-d), 2 classes.
     model = build_aggregator(name, 1024, 2)
-    assert round(count_parameters(model) / 1e6, 2) == paper_millions
+    assert round(count_parameters(model).trainable / 1e6, 2) == paper_millions
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -256,6 +257,6 @@ def test_cli_table_lists_every_aggregator_with_its_parameter_count(capsys):
     rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines()[2:]}
     assert set(rows) == set(NAMES)
     for name in NAMES:
-        expected = count_parameters(build_aggregator(name, 1024, 2))
+        expected = count_parameters(build_aggregator(name, 1024, 2)).trainable
         assert int(rows[name][2].strip().replace(",", "")) == expected
         assert "hidden_dim=512" in rows[name][5]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from baselines.mil import build_aggregator
 from baselines.mil.abmilx import attention_plus
+from bench.costs import PeakMemory, peak_memory_mb
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +87,7 @@ def test_abmilx_structure_is_bias_free_with_input_layernorm():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.bias is None for m in linears)
     assert model.proj[1].out_features == 512 and model.n_heads == 8
-    assert isinstance(model.alpha, torch.nn.Parameter) and float(model.alpha) == 1.0
+    assert isinstance(model.alpha, torch.nn.Parameter) and model.alpha.item() == 1.0
     fixed = build_aggregator("abmilx", 1024, 2, learn_alpha=False)
     assert "alpha" not in dict(fixed.named_parameters())
 
@@ -101,31 +101,18 @@ def test_alpha_zero_is_plain_multi_head_local_attention():
     torch.testing.assert_close(with_plus(x).logits, without(x).logits)
 
 
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
-
-
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_thirty_thousand_instance_bag_runs_without_n_squared_memory():
     n = 30_000
     model = build_aggregator("abmilx", 8, 2, seed=0, hidden_dim=16, n_heads=2).eval()
     x = torch.randn(1, n, 8)
-    try:  # reset the peak-RSS counter so the check sees this forward only
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pytest.skip("cannot reset peak RSS on this system")
-    before = _rss_mib()
-    start = time.perf_counter()
-    with torch.no_grad():
+    with PeakMemory() as peak, torch.no_grad():
+        if peak.kind != "peak_rss_since_reset":
+            pytest.skip("cannot reset the peak RSS on this system")
+        before = peak_memory_mb()  # the reset set the peak to the current RSS
+        start = time.perf_counter()
         out = model(x)
-    seconds = time.perf_counter() - start
-    grew = _peak_rss_mib() - before
+        seconds = time.perf_counter() - start
+    grew = peak.mb - before
     assert out.logits.shape == (1, 2) and torch.isfinite(out.logits).all()
     torch.testing.assert_close(out.attention.sum(), torch.tensor(1.0))
     one_n_by_n = n * n * 4 / 2**20  # a single float32 N x N matrix: ~3.4 GiB
