@@ -178,6 +178,16 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white.
         """
+        return np.array(self._read_rgb_image(x, y, level, width, height))  # writable for torch.from_numpy
+
+    def read_patch(self, x: int, y: int, choice: LevelChoice) -> np.ndarray:
+        """One patch (patch_size, patch_size, 3) uint8 with its level-0 top-left at (x, y)."""
+        image = self._read_rgb_image(x, y, choice.level, choice.read_size, choice.read_size)
+        if choice.needs_resize:
+            image = image.resize((choice.patch_size, choice.patch_size), Image.BILINEAR)
+        return np.array(image)
+
+    def _read_rgb_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         import openslide
 
         try:
@@ -188,14 +198,7 @@ class Slide:
                 f"{type(exc).__name__}: {exc}. The file may be truncated or damaged.",
                 slide=self.name,
             ) from None
-        return pil_rgba_to_rgb(rgba)
-
-    def read_patch(self, x: int, y: int, choice: LevelChoice) -> np.ndarray:
-        """One patch (patch_size, patch_size, 3) uint8 with its level-0 top-left at (x, y)."""
-        arr = self.read_region(x, y, choice.level, choice.read_size, choice.read_size)
-        if choice.needs_resize:
-            arr = np.asarray(Image.fromarray(arr).resize((choice.patch_size, choice.patch_size), Image.BILINEAR))
-        return arr
+        return rgba_to_rgb_image(rgba)
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most `max_side`; returns (image, downsample).
@@ -256,15 +259,17 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:
     return None
 
 
-def pil_rgba_to_rgb(image: Image.Image) -> np.ndarray:
-    """RGB uint8 array of an OpenSlide RGBA image, transparent pixels composited on white.
+def rgba_to_rgb_image(image: Image.Image) -> Image.Image:
+    """RGB PIL image of an OpenSlide RGBA image, transparent pixels composited on white.
 
     The common, fully opaque case stays inside PIL (alpha extrema, then one RGB
     conversion): converting through numpy first costs a third of a patch read.
     """
-    if image.mode == "RGBA" and image.getextrema()[3][0] == 255:
-        return np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on read-only arrays
-    return rgba_to_rgb(np.asarray(image))
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    if image.getextrema()[3][0] == 255:
+        return image.convert("RGB")
+    return Image.fromarray(rgba_to_rgb(np.asarray(image)))
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
