@@ -177,6 +177,17 @@ def test_bad_input_gives_clear_errors(name):
         model(torch.randn(1, 6, IN_DIM), mask=torch.ones(1, 5, dtype=torch.bool))
 
 
+def test_huge_but_finite_features_are_not_mistaken_for_nan():
+    # the fast NaN check sums each instance; 3e38 + 3e38 overflows to inf in float32
+    x = torch.randn(1, 4, IN_DIM)
+    x[0, 2, :2] = 3e38
+    out = small("mean").eval()(x)
+    assert out.logits.shape == (1, 3)
+    x[0, 1, 5] = float("inf")
+    with pytest.raises(DataError, match="instance 1 .*1 bad instance"):
+        small("mean").eval()(x)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_parameter_names_the_valid_ones(name):
     valid = list(AGGREGATORS.get(name).defaults)
