@@ -275,7 +275,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 
     try:
         # every column as text: patient "007" stays "007" and a slide named "NA" stays "NA"
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read labels table {path}: {type(exc).__name__}: {exc}") from None
     df.columns = [str(c).strip() for c in df.columns]

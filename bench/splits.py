@@ -242,17 +242,22 @@ def _check_rare(patients: pd.DataFrame, cohort: Cohort, spec: SplitSpec) -> None
             warn(f"cohort {cohort.name!r} has {int(patients['event'].sum())} event(s): C-index needs events "
                  "in every test part")
         return
-    counts = patients["label"].value_counts()
+    counts = {cohort.classes[int(label)]: int(n)  # type: ignore[index]
+              for label, n in sorted(patients["label"].value_counts().items())}
+    if spec.protocol == "kfold":
+        lone = [name for name, n in counts.items() if n < 2]
+        if lone:
+            raise ConfigError(
+                f"class(es) {', '.join(map(repr, lone))} of cohort {cohort.name!r} have only 1 patient: k-fold "
+                "would leave them out of train in the fold that tests them. Merge or drop them, or use holdout"
+            )
     parts_needed = spec.folds if spec.protocol == "kfold" else (3 if spec.val_share > 0 else 2)
-    for label, n in sorted(counts.items()):
-        name = cohort.classes[int(label)]  # type: ignore[index]
-        if n < 2 and spec.protocol == "kfold":
-            raise ConfigError(f"class {name!r} of cohort {cohort.name!r} has only {n} patient: k-fold would leave "
-                              "it out of train in the fold that tests it. Merge or drop the class, or use holdout")
-        if n < parts_needed:
-            where = "test folds" if spec.protocol == "kfold" else "parts (train, val, test)"
-            warn(f"class {name!r} of cohort {cohort.name!r} has {n} patient(s), too few to appear in all "
-                 f"{parts_needed} {where}; it stays in train, but some parts will have none")
+    rare = [f"{name!r} ({n})" for name, n in counts.items() if n < parts_needed]
+    if rare:
+        where = f"all {parts_needed} test folds" if spec.protocol == "kfold" else "train, val and test" \
+            if parts_needed == 3 else "train and test"
+        warn(f"class(es) {', '.join(rare)} of cohort {cohort.name!r} have too few patients to appear in {where}; "
+             "each keeps at least one patient in train, some parts will have none of them")
 
 
 def make_splits(cohort: Cohort, spec: SplitSpec, *, seed: int) -> pd.DataFrame:
@@ -416,7 +421,8 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"cannot read split file {path}: {type(exc).__name__}: {exc}") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise DataError(f"split file {path} lacks column(s) {', '.join(missing)}; columns found: {', '.join(df.columns)}")
+        raise DataError(f"split file {path} lacks column(s) {', '.join(missing)}; "
+                        f"columns found: {', '.join(df.columns)}")
     if not df["fold"].str.fullmatch(r"\d+").all():
         bad = sorted(set(df.loc[~df["fold"].str.fullmatch(r"\d+"), "fold"]))
         raise DataError(f"split file {path} has fold values that are not integers >= 0: {bad[:10]}")
