@@ -20,6 +20,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("synth", "bench.commands.synth"),
     ("tile", "bench.commands.tile"),
     ("split", "bench.commands.split"),
+    ("encoders", "bench.commands.encoders"),
+    ("extract", "bench.commands.extract"),
     ("aggregators", "bench.commands.aggregators"),
 )
 

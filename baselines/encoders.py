@@ -1,0 +1,592 @@
+"""Patch encoders: a registry of frozen specs, each built through timm.
+
+TRIDENT's factory, without its import-time network probe: one name -> one
+`EncoderSpec` -> `spec.build()` -> `LoadedEncoder(model, transform, precision,
+weights_id, spec)`. The same spec gives the end-to-end trainer a trainable
+module (`spec.create_model()`), so both paradigms use identical encoders.
+
+    >>> spec = get_encoder("resnet18-trunc")
+    >>> enc = spec.build(random_init=True, seed=0)             # doctest: +SKIP
+    >>> x = enc.transform(patches_uint8)                        # (B, H, W, 3) uint8 -> (B, 3, 224, 224)
+    >>> enc.model(x).shape                                      # doctest: +SKIP
+    torch.Size([B, 256])
+
+Weights come from an explicit file, the local HF cache or the Hub, in that order
+(see `baselines.weights`); random initialisation only on request.
+
+Nothing runs at import: specs are plain data; timm is imported when a model is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from bench.errors import ConfigError, DataError
+from bench.layout import check_name
+from bench.registry import Registry
+
+from baselines.weights import (
+    RANDOM_INIT,
+    HUB_WEIGHT_FILES,
+    WeightsSource,
+    WeightsUnavailable,
+    hub_source,
+    load_into,
+    load_state_dict_file,
+    local_source,
+    random_source,
+    snapshot_weights_file,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLINGS = ("avg", "cls", "mean", "cls+mean", "model")
+PRECISIONS = ("fp32", "bf16", "fp16")
+INTERPOLATIONS = ("bilinear", "bicubic")
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
+_HUB_ID = re.compile(r"^hf[-_]hub:([A-Za-z0-9][\w.-]*/[\w.-]+)$")
+# Layer classes a spec may name in its timm kwargs (TOML holds strings). A fixed list:
+# nothing from a config file is ever imported by name.
+_NAMED_LAYERS = {
+    "timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"),
+    "timm.layers.SwiGLU": ("timm.layers", "SwiGLU"),
+    "timm.layers.GluMlp": ("timm.layers", "GluMlp"),
+    "timm.layers.Mlp": ("timm.layers", "Mlp"),
+    "torch.nn.SiLU": ("torch.nn", "SiLU"),
+    "torch.nn.GELU": ("torch.nn", "GELU"),
+    "torch.nn.LayerNorm": ("torch.nn", "LayerNorm"),
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build one patch encoder (weights are looked up separately, see `baselines.weights`).
+
+    Attributes:
+        name: registry name; also the features folder name.
+        source: timm model name with its weights tag (`resnet50.tv_in1k`) or `hf-hub:<org>/<repo>`.
+        embed_dim: size of the embedding `forward` returns (checked when the model is built).
+        input_size: side of the square image the model sees.
+        mean, std: per-channel normalisation of [0, 1] RGB.
+        precision: preferred autocast precision on CUDA (CPU always runs fp32).
+        gated: the Hub weights need an accepted licence and a token.
+        pooling: "avg" (spatial mean of a CNN map), "cls" (class token), "mean" (mean of patch
+            tokens, register tokens excluded), "cls+mean" (both, concatenated), "model" (the
+            timm model's own pooled output with its head removed).
+        timm_kwargs: passed to `timm.create_model` on every path (the model card's arguments).
+        architecture: timm architecture of a Hub model, to build it without the Hub's
+            config.json (explicit weights file, random init).
+        architecture_kwargs: the Hub config's `model_args`, used with `architecture`.
+        truncate_after: ResNet stage after which the network is cut ("layer3": CLAM's 1024-d ResNet-50).
+        interpolation: resize filter when patches are not `input_size`.
+        resize_to: resize patches to this side, then centre-crop `input_size` (None: resize to `input_size`).
+        revision: Hub revision (branch, tag or commit); None = main.
+        weights: default local weights file or snapshot folder (from a suite file).
+        reference: where the constructor arguments and normalisation come from.
+    """
+
+    name: str
+    source: str
+    embed_dim: int
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    precision: str = "fp32"
+    gated: bool = False
+    pooling: str = "model"
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    architecture: str | None = None
+    architecture_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    truncate_after: str | None = None
+    interpolation: str = "bilinear"
+    resize_to: int | None = None
+    revision: str | None = None
+    weights: str | None = None
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("encoder", self.name)
+        what = f"encoder {self.name!r}"
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"{what}: source must be a timm model name or 'hf-hub:<org>/<repo>', got {self.source!r}")
+        if self.source.startswith(("hf-hub:", "hf_hub:")) and not _HUB_ID.match(self.source):
+            raise ConfigError(f"{what}: source {self.source!r} is not of the form 'hf-hub:<org>/<repo>'")
+        for key in ("embed_dim", "input_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{what}: {key} must be a positive integer, got {value!r}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+            if not ok or (key == "std" and min(value) <= 0):
+                raise ConfigError(f"{what}: {key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {value!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        _check_choice(what, "precision", self.precision, PRECISIONS)
+        _check_choice(what, "pooling", self.pooling, POOLINGS)
+        _check_choice(what, "interpolation", self.interpolation, INTERPOLATIONS)
+        if not isinstance(self.gated, bool):
+            raise ConfigError(f"{what}: gated must be true or false, got {self.gated!r}")
+        if self.truncate_after is not None:
+            _check_choice(what, "truncate_after", self.truncate_after, _RESNET_STAGES[:-1])
+        if self.resize_to is not None and (not isinstance(self.resize_to, int) or self.resize_to < self.input_size):
+            raise ConfigError(f"{what}: resize_to must be an integer >= input_size ({self.input_size}), got {self.resize_to!r}")
+        for key in ("timm_kwargs", "architecture_kwargs"):
+            kwargs = getattr(self, key)
+            if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+                raise ConfigError(f"{what}: {key} must be a table of name = value, got {kwargs!r}")
+            if "trust_remote_code" in kwargs or "pretrained" in kwargs:
+                raise ConfigError(f"{what}: {key} may not set 'trust_remote_code' or 'pretrained'")
+            for k, v in kwargs.items():
+                if k.endswith("_layer") and isinstance(v, str) and "." in v and v not in _NAMED_LAYERS:
+                    raise ConfigError(f"{what}: {key}.{k} = {v!r} is not a known layer; use one of {sorted(_NAMED_LAYERS)}")
+            object.__setattr__(self, key, MappingProxyType(dict(kwargs)))
+
+    # --- descriptions -------------------------------------------------------------------
+    @property
+    def is_hub(self) -> bool:
+        return self.source.startswith(("hf-hub:", "hf_hub:"))
+
+    @property
+    def hub_repo(self) -> str | None:
+        m = _HUB_ID.match(self.source)
+        return m.group(1) if m else None
+
+    @property
+    def weights_tag(self) -> str:
+        """The pretrained tag: `tv_in1k` for `resnet50.tv_in1k`, the repo for a Hub model."""
+        if self.is_hub:
+            return str(self.hub_repo) + (f"@{self.revision}" if self.revision else "")
+        return self.source.split(".", 1)[1] if "." in self.source else ""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the numbers an encoder produces, except its weights (see weights_id)."""
+        return {
+            "source": self.source, "architecture": self.architecture, "truncate_after": self.truncate_after,
+            "timm_kwargs": {k: str(v) for k, v in sorted(self.timm_kwargs.items())},
+            "architecture_kwargs": {k: str(v) for k, v in sorted(self.architecture_kwargs.items())},
+            "pooling": self.pooling, "embed_dim": self.embed_dim, "input_size": self.input_size,
+            "resize_to": self.resize_to, "interpolation": self.interpolation,
+            "mean": list(self.mean), "std": list(self.std),
+        }
+
+    def with_input_size(self, input_size: int) -> EncoderSpec:
+        """The same encoder fed `input_size` images (e.g. tiny inputs in tests, or 256 px as CLAM does)."""
+        return replace(self, input_size=int(input_size), resize_to=None)
+
+    # --- building -----------------------------------------------------------------------
+    def transform(self) -> PatchTransform:
+        """uint8 RGB patches (H, W, 3) or (B, H, W, 3) -> normalised float (B, 3, S, S)."""
+        return PatchTransform(self.input_size, self.mean, self.std, self.interpolation, self.resize_to)
+
+    def create_model(
+        self, weights: str | os.PathLike[str] | WeightsSource | None = None, *, random_init: bool = False,
+        seed: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+    ) -> PatchEncoder:
+        """A trainable `PatchEncoder` (train mode, gradients on): forward (B, 3, S, S) -> (B, embed_dim).
+
+        Args:
+            weights: explicit weights file or snapshot folder, or a source from `resolve_weights`;
+                None looks in the HF cache, then the Hub.
+            random_init: build with random weights (no lookup at all); weights id "random-init".
+            seed: seed of the random initialisation (the global torch RNG is left untouched).
+            cache_dir: Hugging Face cache folder (default: HF_HUB_CACHE).
+
+        Raises:
+            WeightsUnavailable: no local weights and the Hub cannot provide them (says how to fix it).
+        """
+        source = weights if isinstance(weights, WeightsSource) else self.resolve_weights(
+            weights, random_init=random_init, cache_dir=cache_dir)
+        backbone, removed = self._backbone(source, seed, cache_dir)
+        if source.kind in ("file", "hf-cache", "hub") and not (self.is_hub and source.kind != "file"):
+            assert source.path is not None
+            load_into(backbone, load_state_dict_file(source.path), what=f"encoder {self.name!r} ({source.path})",
+                      ignore_prefixes=_CLASSIFIER_PREFIXES + tuple(f"{s}." for s in removed))
+        if self.is_hub and source.kind in ("hf-cache", "hub", "dir"):
+            self._warn_if_normalisation_differs(backbone)
+        encoder = PatchEncoder(backbone, self.pooling, self.embed_dim, self.name, source.weights_id,
+                               seed if source.kind == "random-init" else None)
+        encoder.check_output(self.input_size)
+        return encoder.train()
+
+    def build(
+        self, weights: str | os.PathLike[str] | WeightsSource | None = None, *, random_init: bool = False,
+        seed: int = 0,
+        trainable: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+    ) -> LoadedEncoder:
+        """TRIDENT-style factory: (model, transform, precision) plus the weights id and the spec.
+
+        The model is in eval mode with gradients off, unless `trainable`.
+        """
+        model = self.create_model(weights, random_init=random_init, seed=seed, cache_dir=cache_dir)
+        if not trainable:
+            model.eval().requires_grad_(False)
+        return LoadedEncoder(model, self.transform(), self.precision, model.weights_id, self)
+
+    def _warn_if_normalisation_differs(self, backbone: torch.nn.Module) -> None:
+        """The spec's mean/std are what the transform uses; say so when the Hub config disagrees."""
+        from bench.console import warn
+
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        for key in ("mean", "std"):
+            hub = cfg.get(key)
+            if hub is not None and not all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(hub, getattr(self, key))):
+                warn(f"encoder {self.name!r}: {key} {tuple(getattr(self, key))} differs from its Hub config "
+                     f"{tuple(hub)}; the spec's value is used (set {key} in the encoder config if that is wrong)")
+
+    def resolve_weights(
+        self, weights: str | os.PathLike[str] | None = None, *, random_init: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> WeightsSource:
+        """Find the weights without building the model (file -> HF cache -> Hub; see `baselines.weights`).
+
+        Cheap for cache and Hub sources; hashes an explicit file once. Pass the result to
+        `build`/`create_model` to avoid a second lookup.
+        """
+        if random_init:
+            if weights is not None:
+                raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, not both")
+            return random_source()
+        if weights is not None or self.weights is not None:
+            return local_source(weights if weights is not None else self.weights)  # type: ignore[arg-type]
+        if self.is_hub:
+            return hub_source(str(self.hub_repo), encoder=self.name, gated=self.gated, need_config=True,
+                              revision=self.revision, cache_dir=cache_dir)
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(self.source) if "." in self.source else None
+        if cfg is None or not cfg.hf_hub_id:
+            raise WeightsUnavailable(
+                f"encoder {self.name!r}: timm has no Hub weights for {self.source!r}; pass a weights file with "
+                "--weights FILE, or --random-init for a smoke test"
+            )
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        return hub_source(cfg.hf_hub_id, encoder=self.name, gated=self.gated, need_config=False,
+                          filenames=files, cache_dir=cache_dir)
+
+    def _backbone(self, source: WeightsSource, seed: int,
+                  cache_dir: str | os.PathLike[str] | None) -> tuple[torch.nn.Module, tuple[str, ...]]:
+        import timm
+
+        kwargs = {"num_classes": 0, **_resolve_layers(self.timm_kwargs)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random init (and timm's init before loading) is reproducible
+            if self.is_hub and source.kind in ("hf-cache", "hub"):
+                model = timm.create_model(f"hf-hub:{source.hub_ref}", pretrained=True, cache_dir=cache_dir, **kwargs)
+            elif source.kind == "dir":
+                snapshot_weights_file(source.path)  # type: ignore[arg-type]
+                model = timm.create_model(f"local-dir:{source.path}", pretrained=True, **kwargs)
+            else:
+                arch = self.architecture or (None if self.is_hub else self.source)
+                if arch is None:
+                    raise ConfigError(
+                        f"encoder {self.name!r} is a Hub model without an `architecture`; to load it from a "
+                        "file or with random init, add architecture (and architecture_kwargs) to its config, "
+                        "or pass the snapshot folder (config.json + weights) instead of the weights file"
+                    )
+                if not timm.is_model(arch.split(".", 1)[0]):
+                    close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+                    raise ConfigError(f"encoder {self.name!r}: timm has no model {arch!r}"
+                                      + (f"; did you mean {', '.join(close)}?" if close else ""))
+                arch_kwargs = _resolve_layers(self.architecture_kwargs) if self.is_hub else {}
+                model = timm.create_model(arch, pretrained=False, **{**arch_kwargs, **kwargs})
+        return model, _truncate(model, self.truncate_after, self.name)
+
+
+def _check_choice(what: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what}: {key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _resolve_layers(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    import importlib
+
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, str) and v in _NAMED_LAYERS:
+            module, attr = _NAMED_LAYERS[v]
+            v = getattr(importlib.import_module(module), attr)
+        out[k] = v
+    return out
+
+
+def _truncate(model: torch.nn.Module, after: str | None, name: str) -> tuple[str, ...]:
+    """Replace the ResNet stages after `after` by identities; returns the removed stage names."""
+    if after is None:
+        return ()
+    if not all(hasattr(model, s) for s in _RESNET_STAGES):
+        raise ConfigError(f"encoder {name!r}: truncate_after needs a ResNet-family timm model (layer1..layer4)")
+    removed = _RESNET_STAGES[_RESNET_STAGES.index(after) + 1:]
+    for stage in removed:
+        setattr(model, stage, torch.nn.Identity())
+    return removed
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+class PatchEncoder(torch.nn.Module):
+    """timm backbone + pooling: forward(x (B, 3, S, S) normalised) -> (B, embed_dim).
+
+    The one encoder type of both paradigms: two-stage extraction runs it frozen, the
+    end-to-end trainer trains it. `weights_id` says where its weights came from.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, pooling: str, embed_dim: int, encoder_name: str,
+                 weights_id: str, init_seed: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.embed_dim = embed_dim
+        self.encoder_name = encoder_name
+        self.weights_id = weights_id
+        self.init_seed = init_seed  # set only for random init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "model":
+            return self.backbone(x)  # (B, D): timm pools, the head is an identity
+        feats = self.backbone.forward_features(x)
+        if self.pooling == "avg":
+            if feats.ndim != 4:
+                raise ConfigError(f"encoder {self.encoder_name!r}: pooling 'avg' needs a CNN feature map, "
+                                  f"got features of shape {tuple(feats.shape)}; use cls, mean or model")
+            return feats.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
+        n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))  # class + register tokens
+        cls = feats[:, 0]  # (B, T, C) -> (B, C)
+        if self.pooling == "cls":
+            return cls
+        mean = feats[:, n_prefix:].mean(dim=1)  # patch tokens only: (B, C)
+        return mean if self.pooling == "mean" else torch.cat([cls, mean], dim=-1)  # (B, 2C)
+
+    def check_output(self, input_size: int) -> None:
+        """One dry forward: the embedding size must be the spec's (a wrong spec fails here, not mid-cohort)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = self(torch.zeros(1, 3, input_size, input_size))
+        finally:
+            self.train(was_training)
+        if tuple(out.shape) != (1, self.embed_dim):
+            raise ConfigError(f"encoder {self.encoder_name!r} produces embeddings of shape {tuple(out.shape[1:])} "
+                              f"but its spec says embed_dim = {self.embed_dim}; fix embed_dim or pooling")
+
+
+class PatchTransform:
+    """uint8 RGB patches -> normalised float tensor, the same on CPU (DataLoader workers) and CUDA.
+
+    Accepts a numpy array or tensor, (H, W, 3) or (B, H, W, 3), and returns (B, 3, S, S)
+    float32: resized (antialiased) to `input_size`, or to `resize_to` and centre-cropped, then
+    normalised with mean/std. Picklable, so DataLoader workers can run it.
+    """
+
+    def __init__(self, input_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 interpolation: str = "bilinear", resize_to: int | None = None) -> None:
+        self.input_size = int(input_size)
+        self.resize_to = int(resize_to) if resize_to else self.input_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.interpolation = interpolation
+
+    def __call__(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = torch.as_tensor(patches)
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise DataError(f"patches must be uint8 RGB (H, W, 3) or (B, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W) in 0..255
+        if x.shape[-2:] != (self.resize_to, self.resize_to):
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode=self.interpolation,
+                              antialias=True, align_corners=False)
+        if self.resize_to != self.input_size:
+            top = (self.resize_to - self.input_size) // 2
+            x = x[..., top:top + self.input_size, top:top + self.input_size]  # centre crop
+        mean = torch.tensor(self.mean, device=x.device).mul_(255).view(1, 3, 1, 1)
+        scale = torch.tensor(self.std, device=x.device).mul_(255).reciprocal_().view(1, 3, 1, 1)
+        return x.sub_(mean).mul_(scale).contiguous()  # (x/255 - mean) / std, in one pass
+
+    def __repr__(self) -> str:
+        return (f"PatchTransform(input_size={self.input_size}, resize_to={self.resize_to}, "
+                f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")
+
+
+class LoadedEncoder(NamedTuple):
+    """What `EncoderSpec.build` returns (TRIDENT's (model, transforms, precision) + provenance)."""
+
+    model: PatchEncoder
+    transform: PatchTransform
+    precision: str
+    weights_id: str
+    spec: EncoderSpec
+
+
+# ------------------------------------------------------------------------------ registry
+
+ENCODERS: Registry[EncoderSpec] = Registry("encoder")
+
+
+def register_encoder(spec: EncoderSpec, *, replace: bool = False) -> EncoderSpec:
+    """Add a spec to the registry; a second spec under the same name is an error unless `replace`."""
+    return ENCODERS.register(spec.name, spec, replace=replace)
+
+
+def get_encoder(name: str) -> EncoderSpec:
+    """The spec registered under `name`; an unknown name lists close and known names."""
+    return ENCODERS.get(name)
+
+
+def build_encoder(name: str, weights: str | os.PathLike[str] | None = None, *, random_init: bool = False,
+                  seed: int = 0, trainable: bool = False, input_size: int | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None) -> LoadedEncoder:
+    """`get_encoder(name).build(...)`, optionally at another input size."""
+    spec = get_encoder(name)
+    if input_size is not None:
+        spec = spec.with_input_size(input_size)
+    return spec.build(weights, random_init=random_init, seed=seed, trainable=trainable, cache_dir=cache_dir)
+
+
+_CONFIG_KEYS = {
+    "source": str, "embed_dim": int, "input_size": int, "mean": list, "std": list, "precision": str,
+    "gated": bool, "pooling": str, "timm_kwargs": dict, "architecture": str, "architecture_kwargs": dict,
+    "truncate_after": str, "interpolation": str, "resize_to": int, "revision": str, "weights": str,
+    "reference": str,
+}
+
+
+def spec_from_config(name: str, config: Mapping[str, Any], *, where: str = "encoder config") -> EncoderSpec:
+    """Validate a suite file's encoder table and make a spec (not registered).
+
+    Example (TOML)::
+
+        [encoders.my-vit]
+        source = "hf-hub:my-org/my-vit"          # or a timm name, e.g. "convnext_tiny.fb_in22k"
+        embed_dim = 768
+        input_size = 224
+        mean = [0.485, 0.456, 0.406]
+        std = [0.229, 0.224, 0.225]
+        pooling = "cls"
+        timm_kwargs = { dynamic_img_size = true }
+
+    Raises:
+        ConfigError: unknown keys (with close names), missing `source`/`embed_dim`, bad values.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{where}: encoder {name!r} must be a table of keys, got {type(config).__name__}")
+    unknown = [k for k in config if k not in _CONFIG_KEYS]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), _CONFIG_KEYS, n=1))
+                 else repr(k) for k in unknown]
+        raise ConfigError(f"{where}: encoder {name!r} has unknown keys {', '.join(hints)}; "
+                          f"allowed: {', '.join(_CONFIG_KEYS)}")
+    missing = [k for k in ("source", "embed_dim") if k not in config]
+    if missing:
+        raise ConfigError(f"{where}: encoder {name!r} lacks {', '.join(missing)} (a timm name or "
+                          "'hf-hub:<org>/<repo>' as source, and the embedding size as embed_dim)")
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        kind = _CONFIG_KEYS[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is list:
+            ok = isinstance(value, (list, tuple))
+        if not ok:
+            raise ConfigError(f"{where}: encoder {name!r} key {key!r} must be a {kind.__name__}, got {value!r}")
+        values[key] = tuple(value) if kind is list else value
+    try:
+        return EncoderSpec(name=name, **values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def register_encoder_from_config(name: str, config: Mapping[str, Any], *, where: str = "encoder config",
+                                 replace: bool = False) -> EncoderSpec:
+    """Register a user encoder from a suite file's table (see `spec_from_config`), without touching code."""
+    return register_encoder(spec_from_config(name, config, where=where), replace=replace)
+
+
+# ------------------------------------------------------------------------------ built-ins
+# ResNets: ImageNet weights from torchvision, as CLAM (`resnet50_baseline`, truncated after
+# layer3 + adaptive average pool = 1024-d) and the ABMILX paper use them. resnet18 takes the
+# same `tv_in1k` (torchvision) weights rather than timm's `a1_in1k`: same training recipe and
+# normalisation as the ResNet-50 baseline, so the two sizes differ only in depth/width
+# (a1_in1k is trained with BCE and heavy augmentation at other resolutions).
+_TIMM_REF = "timm pretrained_cfg (ImageNet mean/std); CLAM models/resnet_custom.py"
+for _spec in (
+    EncoderSpec("resnet50-trunc", "resnet50.tv_in1k", 1024, pooling="avg", truncate_after="layer3",
+                reference=_TIMM_REF),
+    EncoderSpec("resnet18-trunc", "resnet18.tv_in1k", 256, pooling="avg", truncate_after="layer3",
+                reference=_TIMM_REF),
+    EncoderSpec("resnet50", "resnet50.tv_in1k", 2048, pooling="avg", reference=_TIMM_REF),
+    # UNI (ViT-L/16): model card https://huggingface.co/MahmoodLab/UNI:
+    #   timm.create_model("hf-hub:MahmoodLab/uni", pretrained=True, init_values=1e-5, dynamic_img_size=True);
+    #   transform Resize(224), ImageNet mean/std; 1024-d class token.
+    EncoderSpec("uni", "hf-hub:MahmoodLab/uni", 1024, pooling="cls", precision="fp16", gated=True,
+                timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
+                architecture="vit_large_patch16_224",
+                architecture_kwargs={"img_size": 224, "patch_size": 16},
+                reference="https://huggingface.co/MahmoodLab/UNI"),
+    # UNI2-h (ViT-H/14, 8 register tokens, SwiGLU): model card https://huggingface.co/MahmoodLab/UNI2-h
+    #   passes these timm_kwargs with "hf-hub:MahmoodLab/UNI2-h"; ImageNet mean/std, 224 px; 1536-d class token.
+    EncoderSpec("uni2-h", "hf-hub:MahmoodLab/UNI2-h", 1536, pooling="cls", precision="bf16", gated=True,
+                timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                             "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
+                             "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU",
+                             "reg_tokens": 8, "dynamic_img_size": True},
+                architecture="vit_giant_patch14_224",
+                reference="https://huggingface.co/MahmoodLab/UNI2-h"),
+    # Virchow2 (ViT-H/14, 4 register tokens): model card https://huggingface.co/paige-ai/Virchow2:
+    #   timm.create_model("hf-hub:paige-ai/Virchow2", pretrained=True, mlp_layer=SwiGLUPacked, act_layer=SiLU);
+    #   output (B, 261, 1280): class token = [:, 0], patch tokens = [:, 5:] (1-4 are registers);
+    #   embedding = concat(class token, mean of patch tokens) = 2560-d; fp16 autocast recommended;
+    #   transform from its pretrained_cfg: 224 px, bicubic, ImageNet mean/std. The architecture
+    #   kwargs repeat its config.json model_args for builds without the Hub.
+    EncoderSpec("virchow2", "hf-hub:paige-ai/Virchow2", 2560, pooling="cls+mean", precision="fp16", gated=True,
+                interpolation="bicubic",
+                timm_kwargs={"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"},
+                architecture="vit_huge_patch14_224",
+                architecture_kwargs={"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
+                                     "global_pool": "", "dynamic_img_size": True},
+                reference="https://huggingface.co/paige-ai/Virchow2"),
+    # H-optimus-0 (ViT-g/14, 4 registers): model card https://huggingface.co/bioptimus/H-optimus-0:
+    #   timm.create_model("hf-hub:bioptimus/H-optimus-0", pretrained=True, init_values=1e-5,
+    #   dynamic_img_size=False); Normalize(mean=(0.707223, 0.578729, 0.703617),
+    #   std=(0.211883, 0.230117, 0.177517)); 224 px; 1536-d; fp16 autocast recommended.
+    EncoderSpec("h-optimus-0", "hf-hub:bioptimus/H-optimus-0", 1536, pooling="cls", precision="fp16", gated=True,
+                mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+                timm_kwargs={"init_values": 1e-5, "dynamic_img_size": False},
+                architecture="vit_giant_patch14_reg4_dinov2", architecture_kwargs={"img_size": 224},
+                reference="https://huggingface.co/bioptimus/H-optimus-0"),
+    # Prov-GigaPath tile encoder (ViT-g, patch 16): model card https://huggingface.co/prov-gigapath/prov-gigapath:
+    #   timm.create_model("hf_hub:prov-gigapath/prov-gigapath", pretrained=True); Resize(256, bicubic),
+    #   CenterCrop(224), ImageNet mean/std; 1536-d. Architecture kwargs from its config.json
+    #   (vit_giant_patch14_dinov2, img_size 224, patch_size 16, depth 40, mlp_ratio 5.33334).
+    EncoderSpec("gigapath", "hf-hub:prov-gigapath/prov-gigapath", 1536, pooling="cls", precision="fp16",
+                gated=True, interpolation="bicubic", resize_to=256,
+                architecture="vit_giant_patch14_dinov2",
+                architecture_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536,
+                                     "depth": 40, "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
+                reference="https://huggingface.co/prov-gigapath/prov-gigapath"),
+):
+    register_encoder(_spec)
+del _spec
+
+__all__ = [
+    "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
+    "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
+    "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT",
+]
