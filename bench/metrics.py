@@ -208,6 +208,18 @@ def draw_resamples(task: Task, frame: pd.DataFrame, n_resamples: int = 1000, see
 
 
 def _valid_chunked(task: Task, targets: Targets, idx: np.ndarray, unit_of_row: np.ndarray, n_units: int) -> np.ndarray:
+    if task.kind != "survival" and task.n_outputs <= 62:
+        # Classes present per patient as a bit mask; a resample's classes are the OR over its
+        # patients: one gather and one reduction over (R, P), no count matrix needed.
+        full = (1 << task.n_outputs) - 1
+        dtype = np.min_scalar_type(full)  # uint8 for up to 8 classes: less to gather
+        bits = np.left_shift(1, np.asarray(targets.label, dtype=np.int64)).astype(dtype)
+        unit_mask = np.zeros(n_units, dtype=dtype)
+        np.bitwise_or.at(unit_mask, unit_of_row, bits)
+        present = np.bitwise_or.reduce(unit_mask[idx], axis=1)  # (R,)
+        if task.kind == "classification":
+            return present == full
+        return (present & (present - 1)) != 0  # at least two bits: two grades
     step = max(1, _CHUNK_ELEMENTS // max(1, unit_of_row.size))
     return np.concatenate(
         [_valid(task, targets, _row_counts(idx[s : s + step], unit_of_row, n_units)) for s in range(0, len(idx), step)]

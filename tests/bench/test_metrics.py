@@ -156,6 +156,13 @@ def test_redraws_are_counted_on_a_tiny_imbalanced_set():
     assert share == pytest.approx((5 / 6) ** 6, abs=0.05)
     ci = bootstrap_metrics(task, frame, n_resamples=1000, seed=0)["auc"]
     assert ci.n_redraws == res.n_redraws and ci.low == ci.high == 0.5
+    # Grading: kappa needs two grades; one bag of grade 4 among grade-2 bags (patients of two slides).
+    grading = make_task("grading")
+    g = np.array([2, 2, 2, 2, 4, 2])
+    gframe = grading.prediction_frame(list("abcdef"), ["p0", "p0", "p1", "p1", "p2", "p2"], Targets(label=g), np.eye(6)[g])
+    gres = draw_resamples(grading, gframe, n_resamples=300, seed=0)
+    assert gres.n_redraws > 0 and (gres.counts()[:, 4] > 0).all()
+    assert (resample_values(grading, gframe, gres)["qwk"] == 1.0).all()
     # Survival: a resample without a comparable pair (e.g. only censored patients) is redrawn too.
     surv = pd.DataFrame({"bag_id": list("abc"), "patient_id": list("abc"), "time": [1.0, 2.0, 3.0],
                          "event": [1, 0, 0], "risk": [0.5, 0.2, 0.1]})
