@@ -61,10 +61,19 @@ class SyntheticSpec:
     mpp: float = 0.5
     seed: int = 0
     jpeg_quality: int = 90
+    minority_fraction: float = 0.2  # subtyping: share of the second class (0.2 is TCGA-BRCA's ~4:1)
+    classes: tuple[str, ...] | None = None  # label names; default IDC/ILC (subtyping), 0..5 (grading)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown synthetic kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not 0 < self.minority_fraction <= 0.5:
+            raise ConfigError(f"minority_fraction must be in (0, 0.5], got {self.minority_fraction}")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+            want = {"subtyping": 2, "grading": 6, "survival": 0}[self.kind]
+            if len(self.classes) != want or len(set(self.classes)) != want:
+                raise ConfigError(f"a synthetic {self.kind} cohort needs {want} distinct class names, got {list(self.classes)}")
         if self.n_slides < 2:
             raise ConfigError(f"n_slides must be at least 2, got {self.n_slides}")
         if self.width < 512 or self.height < 512:
@@ -136,7 +145,7 @@ def plan_cohort(spec: SyntheticSpec) -> tuple[list[SlidePlan], dict[str, tuple[f
     outcomes: dict[str, tuple[float, int]] = {}
     if spec.kind in ("subtyping", "grading"):
         if spec.kind == "subtyping":
-            n_minority = max(2, int(round(spec.n_slides / 5)))  # about 4:1, like TCGA-BRCA IDC:ILC
+            n_minority = max(2, int(round(spec.n_slides * spec.minority_fraction)))  # default ~4:1 like TCGA-BRCA
             labels = np.array([0] * (spec.n_slides - n_minority) + [1] * n_minority)
         else:
             labels = np.arange(spec.n_slides) % 6
@@ -420,7 +429,7 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path) -> Path:
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / "cohort.json"
-    settings = asdict(spec)
+    settings = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as read back from cohort.json
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get("generator") != settings:
@@ -447,7 +456,7 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path) -> Path:
         classes = None
     else:
         rows.append("slide_id,patient_id,label")
-        classes = ["IDC", "ILC"] if spec.kind == "subtyping" else [str(g) for g in range(6)]
+        classes = list(spec.classes or (("IDC", "ILC") if spec.kind == "subtyping" else [str(g) for g in range(6)]))
         rows += [f"{p.slide_id},{p.patient_id},{classes[p.label]}" for p in plans]  # type: ignore[index]
     write_text_atomic(out_dir / "labels.csv", "\n".join(rows) + "\n")
     write_json_atomic(manifest_path, {
