@@ -9,8 +9,9 @@
 2. Inference seconds per bag (eval, no_grad) for every registered aggregator at
    N = 1,000, 10,000 and 50,000 instances of 1024 features, and peak memory:
    the growth of the process's peak RSS over its RSS when the forward starts
-   (input already allocated), read from VmHWM after resetting it
-   (bench.costs.PeakMemory). tracemalloc does not see torch's allocations.
+   (model and input already allocated, freed heap returned to the OS with
+   malloc_trim), read from VmHWM after resetting it (bench.costs.PeakMemory).
+   tracemalloc does not see torch's allocations.
 3. ABMILX with the naive A+ (explicit N x N) next to the scalable A+ (SDPA).
    The naive path is skipped where its N x N matrices would not fit in memory.
 
@@ -20,7 +21,11 @@ Run: .venv/bin/python benchmarks/bench_aggregators.py [--quick] [--sizes 1000 10
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
 import datetime
+import gc
 import statistics
 import tempfile
 import time
@@ -128,7 +133,8 @@ def train_throughput(name: str, paths: list[Path], repeats: int) -> tuple[float,
 
 
 def infer(name: str, n: int, repeats: int, **params) -> tuple[float, float]:
-    """Median seconds per bag and peak RSS growth (MiB) of an eval forward on a (1, n, 1024) bag."""
+    """Best-of-`repeats` seconds per bag (robust to other load on the machine) and
+    the largest peak RSS growth (MiB) of an eval forward on a (1, n, 1024) bag."""
     import torch
 
     from baselines.mil import build_aggregator
@@ -138,13 +144,22 @@ def infer(name: str, n: int, repeats: int, **params) -> tuple[float, float]:
     x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(n))
     times, growth = [], []
     for _ in range(repeats):
+        release_free_memory()
         with PeakMemory() as peak, torch.no_grad():
             start_rss = peak_memory_mb()  # the reset set the peak to the current RSS
             t0 = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - t0)
         growth.append(peak.mb - start_rss)
-    return statistics.median(times), max(growth)
+    return min(times), max(growth)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS, so the next forward's RSS growth counts
+    all of its working memory rather than only what earlier runs did not leave behind."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def naive_attn_plus_mib(n: int, heads: int = 8) -> float:
@@ -169,7 +184,7 @@ def main() -> None:
     from bench.costs import device_name
 
     print(f"# bench_aggregators {datetime.date.today()} on {device_name()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}")
 
     print(f"\n## training throughput, bags of {args.train_instances:,} x {IN_DIM}, batch size 1, AdamW\n")
     print("| aggregator | bare loop (bags/s) | data path (bags/s) | ratio (goal >= 0.9) |")
@@ -203,6 +218,7 @@ def main() -> None:
         naive_s, naive_mib = infer("abmilx", n, reps, attn_plus_impl="naive")
         print(f"| {n:,} | {naive_s:.3f} | {naive_mib:,.0f} | {fast_s:.3f} | {fast_mib:,.0f} | {naive_s / fast_s:.2f} |",
               flush=True)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
