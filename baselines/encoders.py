@@ -134,7 +134,8 @@ class EncoderSpec:
             ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in value)
             if not ok or (key == "std" and min(value) <= 0):
-                raise ConfigError(f"{what}: {key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {value!r}")
+                bound = " > 0" if key == "std" else ""
+                raise ConfigError(f"{what}: {key} must be 3 finite numbers{bound}, got {value!r}")
             object.__setattr__(self, key, tuple(float(v) for v in value))
         _check_choice(what, "precision", self.precision, PRECISIONS)
         _check_choice(what, "pooling", self.pooling, POOLINGS)
@@ -144,7 +145,8 @@ class EncoderSpec:
         if self.truncate_after is not None:
             _check_choice(what, "truncate_after", self.truncate_after, _RESNET_STAGES[:-1])
         if self.resize_to is not None and (not isinstance(self.resize_to, int) or self.resize_to < self.input_size):
-            raise ConfigError(f"{what}: resize_to must be an integer >= input_size ({self.input_size}), got {self.resize_to!r}")
+            raise ConfigError(f"{what}: resize_to must be an integer >= input_size ({self.input_size}), "
+                              f"got {self.resize_to!r}")
         for key in ("timm_kwargs", "architecture_kwargs"):
             kwargs = getattr(self, key)
             if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
@@ -153,7 +155,8 @@ class EncoderSpec:
                 raise ConfigError(f"{what}: {key} may not set 'trust_remote_code' or 'pretrained'")
             for k, v in kwargs.items():
                 if k.endswith("_layer") and isinstance(v, str) and "." in v and v not in _NAMED_LAYERS:
-                    raise ConfigError(f"{what}: {key}.{k} = {v!r} is not a known layer; use one of {sorted(_NAMED_LAYERS)}")
+                    raise ConfigError(f"{what}: {key}.{k} = {v!r} is not a known layer; "
+                                      f"use one of {sorted(_NAMED_LAYERS)}")
             object.__setattr__(self, key, MappingProxyType(dict(kwargs)))
 
     # --- descriptions -------------------------------------------------------------------
@@ -212,7 +215,8 @@ class EncoderSpec:
         source = weights if isinstance(weights, WeightsSource) else self.resolve_weights(
             weights, random_init=random_init, cache_dir=cache_dir)
         backbone, removed = self._backbone(source, seed, cache_dir)
-        if source.kind in ("file", "hf-cache", "hub") and not (self.is_hub and source.kind != "file"):
+        # timm's hf-hub/local-dir loaders already loaded Hub models; everything else loads here
+        if source.kind == "file" or (source.kind in ("hf-cache", "hub") and not self.is_hub):
             assert source.path is not None
             load_into(backbone, load_state_dict_file(source.path), what=f"encoder {self.name!r} ({source.path})",
                       ignore_prefixes=_CLASSIFIER_PREFIXES + tuple(f"{s}." for s in removed))
@@ -225,8 +229,7 @@ class EncoderSpec:
 
     def build(
         self, weights: str | os.PathLike[str] | WeightsSource | None = None, *, random_init: bool = False,
-        seed: int = 0,
-        trainable: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+        seed: int = 0, trainable: bool = False, cache_dir: str | os.PathLike[str] | None = None,
     ) -> LoadedEncoder:
         """TRIDENT-style factory: (model, transform, precision) plus the weights id and the spec.
 
@@ -259,7 +262,8 @@ class EncoderSpec:
         """
         if random_init:
             if weights is not None:
-                raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, not both")
+                raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, "
+                                  "not both")
             return random_source()
         if weights is not None or self.weights is not None:
             return local_source(weights if weights is not None else self.weights)  # type: ignore[arg-type]

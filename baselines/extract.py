@@ -437,6 +437,6 @@ def summarize(report: ExtractReport, out_dir: Path) -> None:
 
 
 __all__ = [
-    "ExtractOptions", "SlideResult", "ExtractReport", "SlidePatches", "features_config", "pending_slides", "check_coords",
-    "extract_slide", "extract_cohort", "write_features", "read_skip_report", "summarize", "FEATURES_VERSION",
+    "ExtractOptions", "SlideResult", "ExtractReport", "SlidePatches", "features_config", "pending_slides",
+    "check_coords", "extract_slide", "extract_cohort", "write_features", "read_skip_report", "summarize", "FEATURES_VERSION",
 ]

@@ -77,7 +77,8 @@ def read_features(path: str | os.PathLike[str], dtype: Any = np.float32) -> Slid
             layout = _layout(f)
             attrs = {**_attrs(f["coords"].attrs), **_attrs(f["features"].attrs), **_attrs(f.attrs), "layout": layout}
     except OSError as exc:
-        raise DataError(f"cannot read feature file {path} ({exc}); it is damaged: delete it and extract again") from None
+        raise DataError(f"cannot read feature file {path} ({exc}); it is damaged: delete it and extract "
+                        "again") from None
     feats = _squeeze_leading(feats, 2, path, "features")
     coords = _squeeze_leading(coords, 2, path, "coords")
     if coords.shape[1:] != (2,):

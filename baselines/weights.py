@@ -78,7 +78,8 @@ def local_source(path: str | os.PathLike[str]) -> WeightsSource:
     """Step 1: an explicit weights file, or a folder holding a Hub snapshot."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise MissingFileError(f"weights file {path} does not exist; check the path given with --weights or `weights =`")
+        raise MissingFileError(f"weights file {path} does not exist; check the path given with --weights "
+                               "or `weights =` in the suite")
     if path.is_dir():
         weights = snapshot_weights_file(path)
         if not (path / "config.json").is_file():
@@ -288,8 +289,8 @@ def how_to_provide(encoder: str, repo_id: str, why: str, gated: bool) -> str:
     return (
         f"cannot load weights for encoder {encoder!r} from Hugging Face repo {repo_id}: {why}. "
         f"To provide them: (1) {access}set HF_TOKEN in the environment or log in (`hf auth login`, formerly "
-        "`huggingface-cli login`), and run once with network access (the files are then cached and later runs work offline with "
-        "HF_HUB_OFFLINE=1); or (2) download the weights file (or the whole repo with `hf download "
+        "`huggingface-cli login`), and run once with network access (the files are then cached and later "
+        "runs work offline with HF_HUB_OFFLINE=1); or (2) download the weights file (or the whole repo with `hf download "
         f"{repo_id} --local-dir DIR`) and pass it with --weights FILE|DIR, or `weights = \"FILE\"` "
         "for this encoder in the suite file; or (3) for a smoke test only, --random-init (recorded as "
         "weights id 'random-init')."
