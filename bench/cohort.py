@@ -135,6 +135,22 @@ class Cohort:
         extra = ["time", "event"] if self.task == "survival" else ["label", "label_name"]
         return pd.DataFrame(rows, columns=["patient_id", "slide_ids", "n_slides", *extra])
 
+    def lesion_labels(self, slide_id: str, coords: Any, patch_size_level0: int,
+                      min_fraction: float = 0.5) -> Any:
+        """Instance ground truth of a slide's patches: 1 where the lesion mask covers at least
+        `min_fraction` of the patch, else 0 ((N,) int64). None when the cohort has no lesion
+        masks (real data); synthetic cohorts always have them. Used to score attention.
+        """
+        if self.mask_dir is None or not (self.mask_dir / f"{slide_id}.lesion.png").exists():
+            return None
+        import numpy as np
+
+        from bench.synthetic import load_mask, mask_fraction
+
+        mask, downsample = load_mask(self.root, slide_id, "lesion")
+        frac = mask_fraction(mask, downsample, np.asarray(coords).reshape(-1, 2), int(patch_size_level0))
+        return (frac >= min_fraction).astype(np.int64)
+
     def slide_jobs(self) -> list[SlideJob]:
         """One tiling job per slide (path and mpp override), in table order."""
         from bench.tiling import SlideJob

@@ -275,3 +275,89 @@ class TrainResult:
     attention: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the bags of one fold: the data contract of every trainer ------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FoldBags:
+    """The train/val/test bags of one fold of a split file, and the task fitted on train.
+
+    Every trainer (two-stage, E2E, GMA) receives this and nothing else about labels
+    or splits, so the three paradigms see the same bags of the same file.
+
+    Attributes:
+        task: the task fitted on the *train* part only (survival bin edges,
+            balanced class weights); validation and test never inform it.
+        parts: "train", "val", "test" -> one row per bag: `bag_id`, `patient_id`,
+            `slide_ids` (tuple of slide ids; survival bags are patients), and the
+            task's target columns. "val" may be empty (a split without a val part).
+        split_path / split_sha256 / fold: which split file and fold they came from.
+        dropped: (slide_id, reason) of slides left out because they have no data
+            (untiled, unreadable, no features); a bag that loses all its slides is dropped.
+    """
+
+    task: Any
+    parts: Mapping[str, pd.DataFrame]
+    split_path: Path
+    split_sha256: str
+    fold: int
+    dropped: tuple[tuple[str, str], ...] = ()
+
+    def targets(self, part: str):
+        """Targets of one part (survival bins from the fitted task)."""
+        return self.task.targets_from_frame(self.parts[part])
+
+    def slide_ids(self, part: str | None = None) -> list[str]:
+        """Slides of one part (all parts when None), in bag order."""
+        names = [part] if part is not None else ["train", "val", "test"]
+        return [s for p in names for ids in self.parts[p]["slide_ids"] for s in ids]
+
+    def summary(self) -> dict[str, int]:
+        return {p: len(df) for p, df in self.parts.items()}
+
+
+def fold_bags(task: Any, labels: pd.DataFrame, splits: Any, fold: int,
+              available: Any = None, unavailable_reason: str = "no data for this slide") -> FoldBags:
+    """Bags of `fold` of `splits` (bench.splits.Splits) for `task`, fitted on train.
+
+    Args:
+        task: an unfitted task (bench.tasks.make_task).
+        labels: slide-level table with slide_id, patient_id and the task's targets
+            (`Cohort.table`).
+        available: slide ids that have data (coords or features); others are
+            dropped and listed in `FoldBags.dropped`. None keeps every slide.
+        unavailable_reason: the reason recorded for slides outside `available`.
+
+    Raises:
+        DataError: the split lists slides that are not in `labels`, the train part
+            is empty after dropping, or a part loses every bag.
+    """
+    table = labels.copy()
+    table["slide_id"] = table["slide_id"].astype(str)
+    rows = splits.table[splits.table["fold"] == fold]
+    if rows.empty:
+        raise ConfigError(f"split {splits.path} has no fold {fold}; folds: {splits.folds}")
+    unknown = sorted(set(rows["slide_id"]) - set(table["slide_id"]))
+    if unknown:
+        raise DataError(f"split {splits.path} lists {len(unknown)} slide(s) not in the labels table, e.g. "
+                        f"{unknown[:3]}; the split belongs to another cohort: write a new one with `bench split`")
+    part_of = dict(zip(rows["slide_id"], rows["part"]))
+    dropped: list[tuple[str, str]] = []
+    keep = set(part_of)
+    if available is not None:
+        have = {str(s) for s in available}
+        dropped = [(s, unavailable_reason) for s in sorted(keep - have)]
+        keep &= have
+    table = table[table["slide_id"].isin(keep)]
+    bags = task.bag_frame(table)
+    bags["part"] = [part_of[ids[0]] for ids in bags["slide_ids"]]
+    parts = {p: bags[bags["part"] == p].drop(columns="part").reset_index(drop=True) for p in ("train", "val", "test")}
+    for p in ("train", "test"):
+        if parts[p].empty:
+            raise DataError(f"fold {fold} of {splits.path} has no {p} bag with data"
+                            + (f" ({len(dropped)} slide(s) dropped: {dropped[0][1]})" if dropped else ""))
+    fitted = task.fit(task.targets_from_frame(parts["train"]))
+    return FoldBags(task=fitted, parts=parts, split_path=Path(splits.path), split_sha256=splits.sha256,
+                    fold=int(fold), dropped=tuple(dropped))
