@@ -23,6 +23,9 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("encoders", "bench.commands.encoders"),
     ("extract", "bench.commands.extract"),
     ("aggregators", "bench.commands.aggregators"),
+    ("train", "bench.commands.train"),
+    ("sweep", "bench.commands.sweep"),
+    ("run", "bench.commands.run"),
 )
 
 

@@ -1,0 +1,264 @@
+"""`bench sweep`: Optuna hyperparameter search for one method of a suite, on validation only.
+
+    bench sweep --suite subtyping --method two-stage/resnet50-trunc/abmil --trials 20
+
+- Search space: the method's `[methods.search]` table in the suite; a key
+  `aggregator.<p>` targets the aggregator's parameter `p`, any other key the trainer's.
+- Objective: the best validation value of the task's primary metric over the
+  epochs of a trial (the value model selection would pick). Trials train with
+  `predict_test=False`: the test part of the split is never read, so a sweep
+  cannot leak the test set into the choice of parameters. The sweep uses the
+  first seed of the suite (or `--seed`) and fold 0 of its split file.
+- Study: stored in SQLite at `sweeps/<suite>/<method>/<dataset>/study.db` by
+  default; `--storage` takes any Optuna RDB URL (PostgreSQL, MySQL), so several
+  machines can work on one study. TPE sampler seeded with `seed + number of
+  trials already in the study` (a resumed sweep does not replay the same random
+  start-up points); median pruner fed the per-epoch validation metric.
+- Resumable: rerunning adds `--trials` more trials to the same study. Trials
+  send a heartbeat; the trial of a killed worker is marked failed and retried
+  (up to twice) by the next worker. A trial that raises or goes NaN is recorded
+  as failed and the study goes on.
+- Results: `best.json` (best parameters, value, trial counts, parameter
+  importances) and `trials.csv` next to the study; `bench run --params best`
+  trains with the best parameters, and `bench leaderboard` shows the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.console import info, warn
+from bench.errors import ConfigError, DataError, TrainingError
+from bench.files import write_json_atomic, write_text_atomic
+from bench.layout import Layout
+from bench.suite import MethodSpec, SearchParam, Suite
+
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 120
+MAX_RETRY = 2
+
+
+def sweep_dir(layout: Layout, suite: str, method: str, dataset: str) -> Path:
+    """`sweeps/<suite>/<method>/<dataset>/`: one study per method and dataset."""
+    return layout.sweep_dir(suite, f"{method}/{dataset}")
+
+
+def default_storage(layout: Layout, suite: str, method: str, dataset: str) -> str:
+    return f"sqlite:///{(sweep_dir(layout, suite, method, dataset) / 'study.db').resolve()}"
+
+
+def study_name(suite: str, method: str, dataset: str) -> str:
+    return f"{suite}:{dataset}:{method}"
+
+
+def read_best(layout: Layout, suite: str, method: str, dataset: str) -> dict[str, Any] | None:
+    """The `best.json` of a finished sweep, or None when there is none."""
+    path = sweep_dir(layout, suite, method, dataset) / "best.json"
+    if not path.exists():
+        return None
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"sweep results {path} are damaged ({exc}); rerun `bench sweep` to rewrite them") from None
+    if not isinstance(best.get("best_params"), dict):
+        return None  # a sweep without a completed trial has no best parameters
+    return best
+
+
+def suggest(trial: Any, name: str, space: SearchParam) -> Any:
+    """One Optuna suggestion from a suite search-space entry."""
+    if space.type == "categorical":
+        return trial.suggest_categorical(name, list(space.choices))
+    if space.type == "int":
+        step = int(space.step) if space.step else 1
+        return trial.suggest_int(name, int(space.low), int(space.high), step=step, log=space.log)
+    return trial.suggest_float(name, float(space.low), float(space.high), step=space.step, log=space.log)
+
+
+def open_study(storage: str, name: str, seed: int, *, create: bool = True) -> Any:
+    """Load or create the study behind `storage` with heartbeats, retries, TPE and the median pruner."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    try:
+        rdb = RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                         failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY),
+                         engine_kwargs=engine_kwargs)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many types for a bad URL
+        raise ConfigError(f"cannot open Optuna storage {storage!r}: {exc}. Use an RDB URL such as "
+                          "sqlite:///path/study.db or postgresql://user@host/db") from None
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    # The sampler seed moves with the study's size: a resumed or parallel sweep does not replay
+    # the random start-up points already tried.
+    existing = 0
+    try:
+        existing = len(optuna.load_study(study_name=name, storage=rdb).trials)
+    except KeyError:
+        pass
+    sampler = optuna.samplers.TPESampler(seed=seed + existing)
+    return optuna.create_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner, direction="maximize",
+                               load_if_exists=create)
+
+
+def summarize_study(study: Any, *, dataset: str, method: str, metric: str, storage: str) -> dict[str, Any]:
+    """The `best.json` content of a study (counts, best trial, importances)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    importances: dict[str, float] = {}
+    if len(complete) >= 2 and best is not None and best.params:
+        try:
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        except Exception as exc:  # noqa: BLE001 - importances are a nicety; a degenerate study may refuse them
+            warn(f"parameter importances not computed: {exc}")
+    return {
+        "study": study.study_name, "storage": _redact(storage), "dataset": dataset, "method": method,
+        "metric": f"val_{metric}", "direction": "maximize", "n_trials": len(trials),
+        "n_complete": count[TrialState.COMPLETE], "n_pruned": count[TrialState.PRUNED],
+        "n_failed": count[TrialState.FAIL],
+        "best_value": None if best is None else float(best.value),
+        "best_trial": None if best is None else best.number,
+        "best_params": None if best is None else dict(best.params),
+        "importances": importances,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password (best.json is meant to be shared)."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _val_value(logged: Mapping[str, Any], metric: str) -> float | None:
+    for key in (f"val_{metric}", metric):
+        v = logged.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return float(v)
+    val = logged.get("val")
+    if isinstance(val, Mapping) and isinstance(val.get(metric), (int, float)):
+        return float(val[metric])
+    return None
+
+
+def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, dataset: str | None = None,
+              storage: str | None = None, seed: int | None = None, timeout: float | None = None,
+              keep_trials: bool = False) -> dict[str, Any]:
+    """Add `n_trials` trials to the study of (suite, method, dataset); returns the new `best.json` content.
+
+    Args:
+        options: bench.runner.RunOptions (workdir, data root, device).
+        dataset: which dataset to tune on (default: the suite's only dataset; required when it has several).
+        keep_trials: keep each trial's weights (by default only its history is kept).
+    """
+    import optuna
+
+    from bench.runner import (
+        available_slides,
+        check_methods,
+        extract_features,
+        make_task_for,
+        method_settings,
+        prepare_dataset,
+        register_suite_encoders,
+        train_method,
+    )
+    from bench.costs import StageTimer
+    from bench.training import fold_bags
+
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"--trials must be a positive integer, got {n_trials!r}")
+    method: MethodSpec = suite.method(method_name)
+    if not method.search:
+        raise ConfigError(f"method {method_name!r} of suite {suite.name!r} has no search space; add a "
+                          "[methods.search] table to the suite (e.g. lr = {{ type = \"float\", low = 1e-5, "
+                          "high = 1e-3, log = true }})")
+    if dataset is None:
+        if len(suite.datasets) != 1:
+            raise ConfigError(f"suite {suite.name!r} has several datasets ({', '.join(d.name for d in suite.datasets)}); "
+                              "choose one with --dataset")
+        dataset = suite.datasets[0].name
+    ds = suite.dataset(dataset)
+    seed = suite.seeds[0] if seed is None else int(seed)
+    layout = Layout(options.workdir)
+    folder = sweep_dir(layout, suite.name, method.name, ds.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(layout, suite.name, method.name, ds.name)
+
+    register_suite_encoders(suite)
+    check_methods(suite.select(methods=[method.name]))
+    one = suite.select(datasets=[ds.name], methods=[method.name])
+    timer = StageTimer()
+    from dataclasses import replace
+
+    prep = prepare_dataset(one, ds, replace(options, seeds=(seed,)), timer)
+    splits = prep.splits[seed]
+    fold = (ds.folds or tuple(splits.folds))[0]
+    features = extract_features(prep, method, options, timer, {}) if method.paradigm == "two-stage" else None
+    if features is not None and features.error:
+        raise DataError(f"cannot sweep {method.name}: {features.error}")
+    available, why = available_slides(prep, method, features)
+    bags = fold_bags(make_task_for(ds, prep.cohort), prep.cohort.table, splits, fold, available=available,
+                     unavailable_reason=why)
+    if bags.parts["val"].empty:
+        raise ConfigError(f"dataset {ds.name!r}: split {splits.path.name} fold {fold} has no validation part, and "
+                          "a sweep is scored on validation only; set split.val_fraction > 0 in the suite")
+    metric = bags.task.primary_metric
+    study = open_study(storage, study_name(suite.name, method.name, ds.name), seed)
+
+    def objective(trial: Any) -> float:
+        values = {k: suggest(trial, k, space) for k, space in method.search.items()}
+        params, agg = method_settings(suite, method, values)
+        out = folder / "trials" / f"{trial.number:04d}"
+
+        def report(epoch: int, logged: dict) -> None:
+            value = _val_value(logged, metric)
+            if value is None:
+                return
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch} (val {metric} {value:.4f})")
+
+        try:
+            result = train_method(prep, method, params, agg, bags, out, seed=seed, device=options.device,
+                                  features=features, epoch_callback=report, predict_test=False)
+        finally:
+            if not keep_trials:
+                for w in out.glob("*.safetensors"):
+                    w.unlink()
+                shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        if "test" in result.predictions:  # a trainer bug would leak the test set into the choice
+            raise TrainingError("a sweep trial predicted the test split; refusing its value")
+        if result.best_value is None or not math.isfinite(result.best_value):
+            raise TrainingError(f"trial {trial.number} produced no finite validation {metric}")
+        write_json_atomic(out / "history.json", {"params": values, "history": result.history,
+                                                 "best_epoch": result.best_epoch})
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        return float(result.best_value)
+
+    info(f"sweep {study.study_name}: {n_trials} more trial(s) on {ds.name} fold {fold} (val {metric}); "
+         f"storage {_redact(storage)}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), gc_after_trial=True)
+    best = summarize_study(study, dataset=ds.name, method=method.name, metric=metric, storage=storage)
+    write_json_atomic(folder / "best.json", best)
+    write_text_atomic(folder / "trials.csv", study.trials_dataframe().to_csv(index=False))
+    return best
+
+
+__all__ = ["run_sweep", "read_best", "sweep_dir", "default_storage", "study_name", "open_study", "summarize_study",
+           "suggest"]
