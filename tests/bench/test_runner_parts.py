@@ -1,0 +1,135 @@
+"""Runner and sweep pieces that need no trainer: data roots, tilings, parameters, bench train's suite, sweeps' files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ConfigError, DataError, MissingFileError
+from bench.layout import Layout
+from bench.runner import cohort_folder, make_task_for, method_settings, split_params, tilings_needed
+from bench.suite import load_suite, parse_suite
+from bench.sweep import _redact, _val_value, read_best, summarize_study, sweep_dir
+
+
+def test_wrong_data_root_is_an_error_never_synthetic(tmp_path):
+    suite = load_suite("subtyping")
+    ds = suite.dataset("tcga-brca")
+    layout = Layout(tmp_path / "work")
+    assert cohort_folder(ds, None, layout) == (layout.data_dir("tcga-brca"), True)
+    with pytest.raises(MissingFileError, match="does not exist or is not a folder"):
+        cohort_folder(ds, tmp_path / "nowhere", layout)
+    (tmp_path / "root" / "OTHER").mkdir(parents=True)
+    with pytest.raises(MissingFileError, match=r"TCGA-BRCA/labels.csv.*Folders found.*OTHER"):
+        cohort_folder(ds, tmp_path / "root", layout)
+    (tmp_path / "root" / "TCGA-BRCA").mkdir()
+    (tmp_path / "root" / "TCGA-BRCA" / "labels.csv").write_text("slide_id,patient_id,label\n")
+    assert cohort_folder(ds, tmp_path / "root", layout) == (tmp_path / "root" / "TCGA-BRCA", False)
+
+
+def test_tilings_follow_the_paradigms():
+    suite = load_suite("subtyping", demo=True)
+    ds = suite.dataset("tcga-brca")
+    two = suite.select(methods=["two-stage/*"]).methods
+    e2e = suite.select(methods=["e2e/*"]).methods
+    gma = suite.select(methods=["gma/*"]).methods
+    assert tilings_needed(ds, two) == [(20.0, 128)]
+    assert tilings_needed(ds, e2e) == [(20.0, 128), (10.0, 128)]  # main scale + context scale
+    assert tilings_needed(ds, gma) == [(20.0, 128)]
+    assert tilings_needed(ds, suite.methods) == [(20.0, 128), (10.0, 128)]
+
+
+def test_parameters_layer_defaults_method_and_sweep():
+    suite = load_suite("subtyping")
+    m = suite.method("two-stage/uni/abmil")
+    params, agg = method_settings(suite, m)
+    assert params["lr"] == 1e-4 and params["epochs"] == 75 and agg == {}
+    params, agg = method_settings(suite, m, {"lr": 3e-4, "aggregator.dropout": 0.1})
+    assert params["lr"] == 3e-4 and agg == {"dropout": 0.1}
+    assert split_params({"a": 1, "aggregator.b": 2}) == ({"a": 1}, {"b": 2})
+
+
+def test_task_of_a_dataset(synthetic_cohort):
+    from bench.cohort import load_cohort
+
+    suite = load_suite("subtyping", demo=True)
+    cohort = load_cohort(synthetic_cohort("subtyping", n_slides=6))
+    task = make_task_for(suite.dataset("tcga-brca"), cohort)
+    assert task.kind == "classification" and task.oversample_ratio == 2.0 and task.primary_metric == "auc"
+    assert task.classes == cohort.classes
+
+
+def _train_args(**kw):
+    import argparse
+
+    from bench.commands import train
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    argv = ["--cohort", "c"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
+    return p.parse_args(argv)
+
+
+def test_bench_train_builds_a_valid_suite():
+    from bench.commands.train import build_suite_dict
+
+    args = _train_args(paradigm="e2e", epochs=3, param=["patience=4"], aggregator_param=["dropout=0.1"],
+                       scales=["10:0.75", "5:0.25"], oversample=2)
+    raw = build_suite_dict(args, "classification", ("A", "B"), "mini", "mini-folder")
+    suite = parse_suite(raw, source="test")
+    m = suite.methods[0]
+    assert m.name == "e2e/resnet18-trunc/abmilx"
+    assert suite.method_params(m) == {"optimizer": "adamw", "lr": 8e-5, "weight_decay": 0.0, "epochs": 3,
+                                      "patience": 4}
+    assert dict(m.aggregator_params) == {"dropout": 0.1}
+    ds = suite.datasets[0]
+    assert ds.e2e.magnification == 10 and ds.e2e.scales == ((10.0, 0.75), (5.0, 0.25)) and ds.oversample == 2
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        build_suite_dict(_train_args(param=["oops"]), "classification", ("A", "B"), "mini", "m")
+    with pytest.raises(ConfigError, match="MAG:RATIO"):
+        build_suite_dict(_train_args(scales=["x:y"]), "classification", ("A", "B"), "mini", "m")
+
+
+def test_sweep_files_and_values(tmp_path):
+    layout = Layout(tmp_path)
+    assert read_best(layout, "s", "two-stage/r/abmil", "d") is None
+    folder = sweep_dir(layout, "s", "two-stage/r/abmil", "d")
+    assert folder == tmp_path / "sweeps" / "s" / "two-stage" / "r" / "abmil" / "d"
+    folder.mkdir(parents=True)
+    (folder / "best.json").write_text("{not json")
+    with pytest.raises(DataError, match="damaged"):
+        read_best(layout, "s", "two-stage/r/abmil", "d")
+    (folder / "best.json").write_text(json.dumps({"best_params": {"lr": 0.01}}))
+    assert read_best(layout, "s", "two-stage/r/abmil", "d")["best_params"] == {"lr": 0.01}
+    assert _redact("postgresql://me:secret@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert _redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
+    assert _val_value({"val_auc": 0.7, "auc": 0.1}, "auc") == 0.7
+    assert _val_value({"val_auc": float("nan")}, "auc") is None
+    assert _val_value({"val": {"auc": 0.6}}, "auc") == 0.6
+
+
+def test_study_summary_counts_states_and_best(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        trial.suggest_categorical("c", ["a", "b"])
+        if trial.number == 1:
+            raise ValueError("planted failure")
+        if trial.number == 2:
+            raise optuna.TrialPruned()
+        return -((x - 0.3) ** 2)
+
+    study.optimize(objective, n_trials=6, catch=(Exception,))
+    best = summarize_study(study, dataset="d", method="m", metric="auc", storage="sqlite:///x.db")
+    assert (best["n_trials"], best["n_complete"], best["n_failed"], best["n_pruned"]) == (6, 4, 1, 1)
+    values = [t.value for t in study.trials if t.value is not None]
+    assert best["best_value"] == max(values) and set(best["best_params"]) == {"x", "c"}
+    assert set(best["importances"]) <= {"x", "c"} and best["metric"] == "val_auc"
