@@ -213,11 +213,11 @@ class Slide:
             if ds <= target_ds * (1 + _LEVEL_TOLERANCE):
                 level = i
         lw, lh = self.level_dimensions[level]
-        arr = self.read_region(0, 0, level, lw, lh)
+        image = self._read_rgb_image(0, 0, level, lw, lh)
         out_w, out_h = max(1, int(round(w0 / target_ds))), max(1, int(round(h0 / target_ds)))
         if (out_w, out_h) != (lw, lh):
-            arr = np.asarray(Image.fromarray(arr).resize((out_w, out_h), Image.BILINEAR))
-        return arr, w0 / out_w
+            image = image.resize((out_w, out_h), Image.BILINEAR)  # in PIL: one numpy conversion, at the end
+        return np.array(image), w0 / out_w
 
     def close(self) -> None:
         osr = getattr(self, "_osr", None)

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=3072, help="level-0 height in pixels (default: 3072)")
     p.add_argument("--mpp", type=float, default=0.5, help="level-0 microns per pixel (default: 0.5 = 20x)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="slides written at once, in threads (default: 1; the files do not depend on it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
     spec = SyntheticSpec(kind=args.kind, n_slides=args.n_slides, width=args.width, height=args.height,
                          mpp=args.mpp, seed=args.seed)
-    out = make_cohort(spec, args.out)
+    out = make_cohort(spec, args.out, workers=args.workers)
     info(f"synthetic {args.kind} cohort in {out} (labels.csv, slides/, masks/, cohort.json)")
     return 0

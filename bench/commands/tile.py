@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (default: 256)")
     p.add_argument("--tissue-threshold", type=float, default=0.25,
                    help="minimum tissue fraction of a kept patch (default: 0.25)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="slides tiled at once, in threads (default: 1; 2 is ~1.5x faster on 2 free cores)")
     p.add_argument("--no-qc", action="store_true", help="do not write QC thumbnails")
     p.add_argument("--force", action="store_true", help="re-tile slides even when up to date")
 
@@ -28,16 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bench.cohort import load_cohort
     from bench.layout import Layout
-    from bench.tiling import TileParams, summarize, tile_slides
+    from bench.tiling import TileParams, summarize, tile_slides_multi
 
     cohort = load_cohort(args.cohort)
     dataset = args.dataset or cohort.name
     layout = Layout(args.out)
-    for mag in args.magnification:
-        params = TileParams(magnification=mag, patch_size=args.patch_size, tissue_threshold=args.tissue_threshold)
-        out_dir = layout.tiles_dir(dataset, mag, args.patch_size)
-        report = tile_slides(cohort.slide_jobs(), out_dir, params, qc=not args.no_qc, force=args.force)
+    targets = [(TileParams(magnification=mag, patch_size=args.patch_size, tissue_threshold=args.tissue_threshold),
+                layout.tiles_dir(dataset, mag, args.patch_size)) for mag in dict.fromkeys(args.magnification)]
+    # all magnifications in one pass: each slide is opened and segmented once
+    reports = tile_slides_multi(cohort.slide_jobs(), targets, qc=not args.no_qc, force=args.force,
+                                workers=args.workers)
+    for report, (_, out_dir) in zip(reports, targets):
         summarize(report, out_dir)
-        if not report.done:
-            return 1
-    return 0
+    return 0 if all(report.done for report in reports) else 1

@@ -117,3 +117,66 @@ def test_lesions_are_a_minority_and_their_morphology_carries_the_label(synthetic
     assert np.mean(dark[0]) > 1.5 * np.mean(dark[1])
     # outside lesions the two classes look alike
     assert abs(np.mean(normal[0]) - np.mean(normal[1])) < 0.5 * np.mean(normal[0])
+
+
+# Digests of every rendered level-0 tile of three 768 x 600 cohorts, taken with the
+# first, straightforward renderer (scipy map_coordinates, float64 blending over whole
+# tiles, numpy block means). The fast renderer must reproduce them byte for byte:
+# changing a synthetic slide changes every downstream result.
+RENDER_DIGESTS = {
+    ("subtyping", 0): "128de0e4c8d85cfbc0aac6a525cf4462707879d3eaad6e216016df4e84377c07",
+    ("grading", 1): "14bcd28e0912af36f19c2d9c199cbfb83b7747df18858accf6df42ebea6ce1ee",
+    ("survival", 2): "d16d6740f4684cc64959d7fc351f0b09949d2e7ad7ef80166738cb7c38914295",
+}
+
+
+@pytest.mark.parametrize("kind,seed", list(RENDER_DIGESTS))
+def test_rendered_tiles_are_pinned(kind, seed):
+    import hashlib
+    import math
+
+    from bench.synthetic import TileRenderer, _block_mean, make_maps
+
+    spec = SyntheticSpec(kind=kind, n_slides=3, width=768, height=600, seed=seed)
+    plans, _ = plan_cohort(spec)
+    digest = hashlib.sha256()
+    for plan in plans:
+        renderer = TileRenderer(spec, plan, *make_maps(spec, plan))
+        for i in range(math.ceil(spec.height / 256)):
+            for j in range(math.ceil(spec.width / 256)):
+                tile = renderer.render(i, j)
+                assert tile.dtype == np.uint8 and tile.shape == (256, 256, 3)
+                digest.update(tile.tobytes())
+        digest.update(_block_mean(np.full((8, 12, 3), 7, np.uint8), 4).tobytes())
+    assert digest.hexdigest() == RENDER_DIGESTS[(kind, seed)]
+
+
+def test_fast_texture_and_block_mean_equal_the_plain_formulas():
+    from scipy import ndimage
+
+    from bench.synthetic import TILE, TileRenderer, _block_mean, make_maps
+
+    spec = SyntheticSpec(kind="subtyping", n_slides=2, width=1000, height=700, seed=4)
+    plan = plan_cohort(spec)[0][0]
+    renderer = TileRenderer(spec, plan, *make_maps(spec, plan))
+    for y0, x0 in ((0, 0), (256, 512), (512, 768)):  # includes tiles past the mask's edge
+        fy = (np.arange(y0, y0 + TILE) + 0.5) / spec.mask_downsample - 0.5
+        fx = (np.arange(x0, x0 + TILE) + 0.5) / spec.mask_downsample - 0.5
+        gy, gx = np.meshgrid(fy, fx, indexing="ij")
+        want = ndimage.map_coordinates(renderer.texture, [gy, gx], order=1, mode="nearest")
+        assert np.array_equal(renderer._texture(y0, x0).view(np.int32), want.view(np.int32))
+    rng = np.random.default_rng(0)
+    for shape in ((256, 256, 3), (70, 45, 3)):
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        h, w = shape[0] // 4 * 4, shape[1] // 4 * 4
+        plain = (arr[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).astype(np.float32).mean(axis=(1, 3)) + 0.5)
+        assert np.array_equal(_block_mean(arr, 4), plain.astype(np.uint8))
+
+
+def test_workers_write_the_same_bytes(tmp_path):
+    spec = SyntheticSpec(kind="grading", n_slides=3, width=768, height=512, seed=6)
+    one, two = make_cohort(spec, tmp_path / "a" / "c"), make_cohort(spec, tmp_path / "b" / "c", workers=2)
+    for rel in ("labels.csv", "cohort.json", *(f"slides/S000{i}.tif" for i in range(3)), "masks/S0002.lesion.png"):
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    with pytest.raises(ConfigError, match="workers"):
+        make_cohort(spec, tmp_path / "three", workers=0)

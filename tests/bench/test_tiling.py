@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.errors import DataError
+from bench.errors import ConfigError, DataError
 from bench.synthetic import load_mask, write_pyramidal_tiff
 from bench.tiling import (
     SlideJob,
@@ -146,3 +146,121 @@ def test_coords_without_attrs_is_refused(tmp_path):
         f.create_dataset("coords", data=np.zeros((3, 2), dtype=np.int64))
     with pytest.raises(DataError, match="patch_size"):
         read_coords(path)
+
+
+# --- fast paths: same masks as scipy, same files for one or several targets -----------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7])
+def test_square_closing_and_opening_equal_scipy(size):
+    from scipy import ndimage
+
+    from bench.tiling import binary_closing_square, binary_opening_square
+
+    rng = np.random.default_rng(size)
+    for trial in range(40):
+        h, w = rng.integers(1, 60, size=2)
+        mask = ndimage.gaussian_filter(rng.random((h, w)), 1.5) > rng.uniform(0.3, 0.7) if trial % 2 else \
+            rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        square = np.ones((size, size))
+        assert np.array_equal(binary_closing_square(mask, size),
+                              ndimage.binary_closing(mask, structure=square, border_value=0))
+        assert np.array_equal(binary_opening_square(mask, size), ndimage.binary_opening(mask, structure=square))
+
+
+def test_cross_erosion_equals_scipy():
+    from scipy import ndimage
+
+    from bench.tiling import erode_cross
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        mask = rng.random(tuple(rng.integers(1, 50, size=2))) < 0.8
+        for it in (1, 2, 3):
+            assert np.array_equal(erode_cross(mask, it), ndimage.binary_erosion(mask, iterations=it))
+
+
+def _reference_tissue_mask(thumb, ds, mpp, params):
+    """The tissue mask written with scipy's generic morphology, as the fast path must reproduce."""
+    from PIL import Image, ImageFilter
+    from scipy import ndimage
+
+    from bench.tiling import _drop_small
+
+    sat = np.asarray(Image.fromarray(thumb).convert("HSV").getchannel("S").filter(
+        ImageFilter.MedianFilter(params.median_size | 1)))
+    mask = sat > max(otsu_threshold(sat), float(params.min_saturation))
+    mask = ndimage.binary_closing(mask, structure=np.ones((params.close_size,) * 2), border_value=0)
+    mask = ndimage.binary_opening(mask, structure=np.ones((params.open_size,) * 2))
+    um2 = (ds * mpp) ** 2
+    mask = _drop_small(mask, params.min_tissue_area_um2 / um2)
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    return mask | _drop_small(holes, params.min_hole_area_um2 / um2, keep_small=True)
+
+
+def test_tissue_mask_equals_scipy_reference(synthetic_cohort):
+    from bench.slides import open_slide
+    from bench.tiling import TissueParams, tissue_mask
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    settings = [TissueParams(), TissueParams(min_hole_area_um2=60_000, close_size=7, open_size=5),
+                TissueParams(close_size=4, open_size=2, thumbnail_max_side=300)]
+    for slide_id in ("S0000", "S0003"):
+        with open_slide(root / "slides" / f"{slide_id}.tif") as s:
+            for params in settings:
+                thumb, ds = s.thumbnail(params.thumbnail_max_side)
+                got = tissue_mask(thumb, ds, s.mpp, params).mask
+                assert np.array_equal(got, _reference_tissue_mask(thumb, ds, s.mpp, params)), (slide_id, params)
+    # a ring of tissue: the large lumen stays out, a pin-hole is filled, the outside is not a hole
+    ring = np.full((200, 200, 3), 240, dtype=np.uint8)
+    yy, xx = np.mgrid[:200, :200]
+    r = np.hypot(yy - 100, xx - 100)
+    ring[(r < 80) & (r > 40)] = (200, 80, 160)
+    ring[100, 25] = 240  # pin-hole in the tissue
+    params = TissueParams(median_size=1, close_size=1, open_size=1)
+    mask = tissue_mask(ring, 4.0, 0.5, params).mask
+    assert np.array_equal(mask, _reference_tissue_mask(ring, 4.0, 0.5, params))
+    assert mask[100, 25] and not mask[100, 100] and not mask[0, 0]
+
+
+def test_multi_target_tiling_equals_one_target_at_a_time(synthetic_cohort, tmp_path, monkeypatch):
+    from bench.slides import Slide
+    from bench.tiling import tile_slides_multi
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    jobs = [SlideJob(f"S000{i}", root / "slides" / f"S000{i}.tif") for i in range(3)]
+    params = [TileParams(magnification=20, patch_size=128), TileParams(magnification=10, patch_size=128),
+              TileParams(magnification=5, patch_size=512)]  # 512 px at 5x: 2048 level-0 px, larger than the slide
+    for p in params:
+        tile_slides(jobs, tmp_path / "single" / f"{p.magnification:g}", p)
+    reads = []
+    thumbnail = Slide.thumbnail
+    monkeypatch.setattr(Slide, "thumbnail", lambda self, *a, **k: reads.append(self.name) or thumbnail(self, *a, **k))
+    for workers in (1, 2):
+        out = tmp_path / f"multi{workers}"
+        reads.clear()
+        reports = tile_slides_multi(jobs, [(p, out / f"{p.magnification:g}") for p in params], workers=workers)
+        assert sorted(reads) == ["S0000", "S0001", "S0002"]  # one thumbnail and mask per slide for all targets
+        assert [len(r.done) for r in reports] == [3, 3, 0]
+        assert all("no tissue patch" in why for _, why in reports[2].skipped)
+        for p in params[:2]:
+            for job in jobs:
+                a = read_coords(tmp_path / "single" / f"{p.magnification:g}" / f"{job.slide_id}.h5")
+                b = read_coords(out / f"{p.magnification:g}" / f"{job.slide_id}.h5")
+                assert np.array_equal(a.coords, b.coords) and np.array_equal(a.tissue, b.tissue)
+                assert a.attrs.keys() == b.attrs.keys()
+                assert all(np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs)
+        assert (out / "5" / "skipped.csv").exists() and not (out / "20" / "skipped.csv").exists()
+    with pytest.raises(ConfigError, match="workers"):
+        tile_slides_multi(jobs, [(params[0], tmp_path / "x")], workers=0)
+
+
+def test_qc_thumbnail_shows_contour_and_patches(synthetic_cohort, tmp_path):
+    from PIL import Image
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    r = tile_slide(root / "slides" / "S0004.tif", tmp_path, TileParams(magnification=10, patch_size=128))
+    qc = np.asarray(Image.open(r.qc_path).convert("RGB"))
+    assert qc.shape == (768, 1024, 3)  # the thumbnail's size: 1024 px on the longer side
+    colours = {tuple(c) for c in qc.reshape(-1, 3)[::7]}
+    assert (20, 200, 60) in colours and (40, 90, 220) in colours  # tissue contour, kept-patch outlines
