@@ -140,7 +140,7 @@ class SlidePatches(torch.utils.data.Dataset):
             if self._slide is None:
                 self._slide = open_slide(self.slide_path, mpp=self.mpp)
             for i, (x, y) in enumerate(xy):
-                patches[i] = self._slide.read_patch(int(x), int(y), self.choice)
+                self._slide.read_patch(int(x), int(y), self.choice, out=patches[i])  # straight into the batch
         except BenchError as exc:
             return {"start": start, "error": str(exc)}
         tensor = torch.from_numpy(patches)

@@ -178,27 +178,34 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white.
         """
-        return np.array(self._read_rgb_image(x, y, level, width, height))  # writable for torch.from_numpy
+        return rgba_to_rgb_array(self._read_rgba(x, y, level, width, height))  # writable for torch.from_numpy
 
-    def read_patch(self, x: int, y: int, choice: LevelChoice) -> np.ndarray:
-        """One patch (patch_size, patch_size, 3) uint8 with its level-0 top-left at (x, y)."""
-        image = self._read_rgb_image(x, y, choice.level, choice.read_size, choice.read_size)
+    def read_patch(self, x: int, y: int, choice: LevelChoice, out: np.ndarray | None = None) -> np.ndarray:
+        """One patch (patch_size, patch_size, 3) uint8 with its level-0 top-left at (x, y).
+
+        Args:
+            out: a C-contiguous (patch_size, patch_size, 3) uint8 array to fill (e.g. a row of a
+                batch), saving one copy; it is returned.
+        """
+        rgba = self._read_rgba(x, y, choice.level, choice.read_size, choice.read_size)
         if choice.needs_resize:
-            image = image.resize((choice.patch_size, choice.patch_size), Image.BILINEAR)
-        return np.array(image)
+            rgba = rgba_to_rgb_image(rgba).resize((choice.patch_size, choice.patch_size), Image.BILINEAR)
+        return rgba_to_rgb_array(rgba, out=out)
 
-    def _read_rgb_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+    def _read_rgba(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         import openslide
 
         try:
-            rgba = self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+            return self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideError(
                 f"cannot read region ({x}, {y}) level {level} size {width}x{height} of slide {self.path}: "
                 f"{type(exc).__name__}: {exc}. The file may be truncated or damaged.",
                 slide=self.name,
             ) from None
-        return rgba_to_rgb_image(rgba)
+
+    def _read_rgb_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        return rgba_to_rgb_image(self._read_rgba(x, y, level, width, height))
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is at most `max_side`; returns (image, downsample).
@@ -259,17 +266,46 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:
     return None
 
 
+def _is_opaque(image: Image.Image) -> bool:
+    """True when every alpha value of an RGBA image is 255 (the alpha bytes alone: 20x
+    cheaper than `getextrema()`, which scans all four bands)."""
+    return int(np.frombuffer(image.tobytes("raw", "A"), dtype=np.uint8).min(initial=255)) == 255
+
+
 def rgba_to_rgb_image(image: Image.Image) -> Image.Image:
     """RGB PIL image of an OpenSlide RGBA image, transparent pixels composited on white.
 
-    The common, fully opaque case stays inside PIL (alpha extrema, then one RGB
+    The common, fully opaque case stays inside PIL (alpha check, then one RGB
     conversion): converting through numpy first costs a third of a patch read.
     """
     if image.mode != "RGBA":
         return image.convert("RGB")
-    if image.getextrema()[3][0] == 255:
+    if _is_opaque(image):
         return image.convert("RGB")
     return Image.fromarray(rgba_to_rgb(np.asarray(image)))
+
+
+def rgba_to_rgb_array(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """(h, w, 3) uint8 array of an RGBA (or RGB) PIL image, transparent pixels on white.
+
+    Opaque RGBA goes straight to RGB bytes with PIL's packer (one pass, no alpha
+    arithmetic): with the alpha check this costs ~6% of a 256 px patch read, against
+    ~35% for `np.array(image.convert("RGB"))` after a four-band `getextrema`.
+    """
+    w, h = image.size
+    if image.mode == "RGBA" and not _is_opaque(image):
+        rgb = rgba_to_rgb(np.asarray(image))
+    else:
+        data = image.tobytes("raw", "RGB") if image.mode in ("RGBA", "RGB") else image.convert("RGB").tobytes()
+        if out is None:
+            return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(h, w, 3)  # bytearray: writable
+        rgb = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+    if out is None:
+        return rgb
+    if out.shape != (h, w, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be ({h}, {w}, 3) uint8, got {out.shape} {out.dtype}")
+    out[...] = rgb
+    return out
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

@@ -99,6 +99,47 @@ def test_rgba_to_rgb_composites_on_white():
     assert rgb[0, 2].tolist() == [round((100 * 128 + 255 * 127) / 255), round((50 * 128 + 255 * 127) / 255), 127]
 
 
+def test_rgba_to_rgb_array_fast_path_equals_compositing():
+    from PIL import Image
+
+    from bench.slides import rgba_to_rgb_array
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, size=(5, 7, 4), dtype=np.uint8)
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    for arr in (rgba, opaque):
+        want = rgba_to_rgb(arr)
+        got = rgba_to_rgb_array(Image.fromarray(arr, "RGBA"))
+        assert np.array_equal(got, want) and got.flags.writeable and got.flags.c_contiguous
+        out = np.zeros((5, 7, 3), dtype=np.uint8)
+        assert rgba_to_rgb_array(Image.fromarray(arr, "RGBA"), out=out) is out and np.array_equal(out, want)
+    assert np.array_equal(rgba_to_rgb_array(Image.fromarray(opaque[..., :3])), opaque[..., :3])  # RGB input
+    with pytest.raises(ValueError, match="out must be"):
+        rgba_to_rgb_array(Image.fromarray(opaque, "RGBA"), out=np.zeros((7, 5, 3), dtype=np.uint8))
+
+
+def test_read_patch_equals_plain_pil_reads(pyramid):
+    """The fast read path gives the pixels of OpenSlide's RGBA -> PIL RGB (-> PIL resize)."""
+    import openslide
+    from PIL import Image
+
+    path, _ = pyramid
+    osr = openslide.OpenSlide(str(path))
+    with open_slide(path) as s:
+        for magnification, size in ((40, 64), (20, 64), (10, 32), (7, 48)):  # as is or resized, levels 0 and 1
+            c = s.level_for(magnification=magnification, patch_size=size)
+            for x, y in ((0, 0), (96, 160), (-16, 8)):  # the last one reaches outside: transparent
+                rgba = osr.read_region((x, y), c.level, (c.read_size, c.read_size))
+                want = np.asarray(Image.fromarray(rgba_to_rgb(np.asarray(rgba))).resize(
+                    (size, size), Image.BILINEAR)) if c.needs_resize else rgba_to_rgb(np.asarray(rgba))
+                assert np.array_equal(s.read_patch(x, y, c), want), (magnification, x, y)
+                batch = np.zeros((2, size, size, 3), dtype=np.uint8)
+                s.read_patch(x, y, c, out=batch[1])
+                assert np.array_equal(batch[1], want) and not batch[0].any()
+    osr.close()
+
+
 @pytest.mark.parametrize(
     "props, expected",
     [
