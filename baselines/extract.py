@@ -53,7 +53,7 @@ class ExtractOptions:
     """Settings of an extraction run.
 
     Attributes:
-        batch_size: patches per forward pass.
+        batch_size: patches per forward pass; None picks one for the device (`batch_size_for`).
         num_workers: DataLoader worker processes reading patches (0: read in this process).
         device: "auto", "cpu", "cuda" or "cuda:N".
         float16: store features as float16 (half the disk; computed in float32 on CPU).
@@ -63,7 +63,7 @@ class ExtractOptions:
             leaving room for the reading workers can be faster; see benchmarks/bench_extract.py.
     """
 
-    batch_size: int = 64
+    batch_size: int | None = None
     num_workers: int = 2
     device: str = "auto"
     float16: bool = False
@@ -72,7 +72,7 @@ class ExtractOptions:
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"workers must be a non-negative integer, got {self.num_workers!r}")
@@ -80,6 +80,21 @@ class ExtractOptions:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError(f"torch threads must be positive, got {self.torch_threads}")
+
+
+    def batch_size_for(self, device: torch.device, input_size: int) -> int:
+        """The batch size to run: the one asked for, else 64 on CUDA and, on CPU, about
+        eight 224-px images' worth (8 at 224 px, 24 at 128, 64 at 64 px and below).
+
+        On CPU large batches run slower, not faster, once activations outgrow the caches:
+        resnet50-trunc at 224 px does 18.4 patches/s at batch 8 and 13.0 at batch 64
+        (BENCHMARKS.md, extract).
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        if device.type == "cuda":
+            return 64
+        return int(min(64, max(8, 8 * 224**2 // max(1, input_size) ** 2)))
 
 
 @dataclass(frozen=True)
@@ -263,7 +278,7 @@ def extract_slide(
             "patch_size": coords.patch_size, "input_size": encoder.spec.input_size, "n_patches": len(coords),
             "seconds": seconds, "patches_per_second": len(coords) / max(seconds, 1e-9),
             "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind, "device": device_name(device),
-            "precision": precision, "batch_size": options.batch_size, "num_workers": options.num_workers,
+            "precision": precision, "batch_size": options.batch_size_for(device, encoder.spec.input_size), "num_workers": options.num_workers,
             "dtype": "float16" if options.float16 else "float32", "harness_version": __version__,
             "config_hash": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -287,15 +302,29 @@ def _remove_stale_partials(out_path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def workers_for(n_batches: int, num_workers: int) -> int:
+    """Reading workers worth starting for a slide of `n_batches` batches.
+
+    A worker pays off by reading ahead while the model runs the current batch, and
+    starting one costs about as much as reading a batch of ~64 small patches (~50 ms on
+    2 cores). So the first batch is not counted (nothing runs while it is read) and
+    each worker needs at least two batches to read ahead: a one- or two-batch slide
+    (the demo's) reads in this process, which made its extraction 1.7x faster.
+    """
+    return max(0, min(num_workers, (n_batches - 1) // 2))
+
+
 def _encode(job: SlideJob, coords: Coords, encoder: LoadedEncoder, options: ExtractOptions,
             device: torch.device) -> tuple[np.ndarray, float, float, str, str]:
     """Run the encoder over every patch of a slide: (features (N, D), seconds, peak MiB, peak kind, precision)."""
     cuda = device.type == "cuda"
     precision = (options.precision or encoder.precision) if cuda else "fp32"
-    dataset = SlidePatches(job.path, coords.coords, coords.level_choice, options.batch_size,
+    batch_size = options.batch_size_for(device, encoder.spec.input_size)
+    dataset = SlidePatches(job.path, coords.coords, coords.level_choice, batch_size,
                            None if cuda else encoder.transform, job.mpp or coords.mpp or None)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=options.num_workers, pin_memory=cuda,
+        dataset, batch_size=None, shuffle=False, num_workers=workers_for(len(dataset), options.num_workers),
+        pin_memory=cuda,
     )
     model = encoder.model
     n, dim = len(coords), encoder.spec.embed_dim

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--magnification", type=float, nargs="+", default=[20.0],
                    help="magnification(s) of the coords to use (default: 20)")
     p.add_argument("--patch-size", type=int, default=256, help="patch size of the coords (default: 256)")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default: 64)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="patches per forward pass (default: 64 on CUDA; on CPU 8 at 224 px, up to 64 for "
+                        "small inputs, where larger batches run slower)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading patches (default: 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),

@@ -303,6 +303,19 @@ def test_transform_resizes_then_centre_crops():
     torch.testing.assert_close(spec.transform()(flat), torch.full((1, 3, 16, 16), 128 / 255))
 
 
+def test_transform_fast_path_is_bit_identical_to_the_general_one():
+    """Patches already at input size skip the resize: same float32 values as the general path
+    (channel-last float view, in-place normalise, contiguous copy), so features do not change."""
+    spec = get_encoder("resnet18-trunc")
+    transform = spec.transform()
+    patches = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8))
+    mean = torch.tensor(transform.mean).mul_(255).view(1, 3, 1, 1)
+    scale = torch.tensor(transform.std).mul_(255).reciprocal_().view(1, 3, 1, 1)
+    general = patches.permute(0, 3, 1, 2).float().sub_(mean).mul_(scale).contiguous()
+    fast = transform(patches)
+    assert fast.is_contiguous() and torch.equal(fast, general)
+
+
 def test_transform_refuses_float_input():
     with pytest.raises(Exception, match="uint8 RGB"):
         get_encoder("resnet18-trunc").transform()(np.zeros((8, 8, 3), dtype=np.float32))

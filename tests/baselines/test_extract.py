@@ -26,6 +26,7 @@ from baselines.encoders import build_encoder
 from baselines.extract import ExtractOptions, extract_cohort, pending_slides, read_skip_report
 from baselines.features import list_features, read_features
 from bench.cli import main as bench_main
+from bench.errors import ConfigError
 from bench.files import file_lock, is_partial
 from bench.slides import open_slide
 from bench.tiling import SlideJob, TileParams, read_coords, tile_slides, write_coords
@@ -263,3 +264,18 @@ def test_cli_extract_writes_verified_files_and_rerun_does_nothing(tiled, tmp_pat
     assert bench_main(["encoders"]) == 0
     table = capsys.readouterr().out
     assert "| virchow2" in table and "2560" in table and "cls+mean" in table
+
+
+def test_reading_workers_and_default_batch_size_fit_the_work():
+    from baselines.extract import workers_for
+
+    # the first batch is read before anything can overlap; each worker needs two batches to read ahead
+    assert [workers_for(b, 2) for b in (1, 2, 3, 4, 5, 100)] == [0, 0, 1, 1, 2, 2]
+    assert workers_for(100, 0) == 0 and workers_for(0, 2) == 0
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = ExtractOptions()
+    assert [auto.batch_size_for(cpu, s) for s in (224, 256, 128, 64, 32)] == [8, 8, 24, 64, 64]
+    assert auto.batch_size_for(cuda, 224) == 64
+    assert ExtractOptions(batch_size=5).batch_size_for(cpu, 224) == 5
+    with pytest.raises(ConfigError, match="batch size"):
+        ExtractOptions(batch_size=0)
