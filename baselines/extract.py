@@ -22,7 +22,6 @@ a slide that cannot be extracted is listed in `skipped.csv` and the others go on
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from bench.costs import PeakMemory, StageTimer, device_name
 from bench.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
 from bench.files import LockHeld, atomic_path, config_hash, file_lock, is_partial
 from bench.slides import LevelChoice, open_slide
-from bench.tiling import Coords, SlideJob, read_coords, write_skip_report
+from bench.tiling import Coords, SlideJob, read_coords, read_skip_report, write_skip_report
 from bench.training import autocast, resolve_device
 
 from baselines.encoders import EncoderSpec, LoadedEncoder, PatchTransform
@@ -416,6 +415,7 @@ def extract_cohort(
         torch.set_num_threads(options.torch_threads)
     report = ExtractReport()
     jobs = list(jobs)
+    not_tiled = dict(read_skip_report(coords_dir / "skipped.csv"))  # why `bench tile` left a slide out
     bar = progress(jobs, desc=f"extract {encoder.spec.name}", unit="slide")
     try:
         for job in bar:
@@ -426,7 +426,14 @@ def extract_cohort(
             except LockHeld:
                 report.busy.append(job.slide_id)
                 continue
-            except (SlideError, DataError, MissingFileError, ConfigError) as exc:
+            except MissingFileError as exc:
+                why = not_tiled.get(job.slide_id)
+                if why is not None and not (coords_dir / f"{job.slide_id}.h5").exists():
+                    report.skipped.append((job.slide_id, f"not tiled (`bench tile` skipped it): {why}"))
+                else:
+                    report.skipped.append((job.slide_id, str(exc)))
+                continue
+            except (SlideError, DataError, ConfigError) as exc:
                 report.skipped.append((job.slide_id, str(exc)))
                 continue
             except OSError as exc:  # writing failed (disk full, permissions): atomic_path left nothing
@@ -440,15 +447,6 @@ def extract_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_skip_report(out_dir / "skipped.csv", report.skipped)
     return report
-
-
-def read_skip_report(path: str | Path) -> list[tuple[str, str]]:
-    """(slide_id, reason) rows of a `skipped.csv` (empty when there is none)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [(row["slide_id"], row["reason"]) for row in csv.DictReader(f)]
 
 
 def summarize(report: ExtractReport, out_dir: Path) -> None:

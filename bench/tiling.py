@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -639,15 +640,36 @@ def tile_slides_multi(
 
 
 def write_skip_report(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
-    """Write (or remove, when nothing was skipped) a `slide_id,reason` report."""
+    """Write (or remove, when nothing was skipped) a `slide_id,reason` report.
+
+    A report that already says the same is left untouched, so a rerun over a cohort
+    with a bad slide changes no file.
+    """
     if not skipped:
         path.unlink(missing_ok=True)
         return
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["slide_id", "reason"])
+    writer.writerows(skipped)
+    text = buffer.getvalue()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or unreadable: write it
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["slide_id", "reason"])
-            writer.writerows(skipped)
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
+def read_skip_report(path: str | Path) -> list[tuple[str, str]]:
+    """(slide_id, reason) rows of a `skipped.csv` (empty when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(row["slide_id"], row["reason"]) for row in csv.DictReader(f)]
 
 
 def summarize(report: BatchReport, out_dir: Path) -> None:
@@ -664,6 +686,7 @@ def summarize(report: BatchReport, out_dir: Path) -> None:
 __all__ = [
     "Coords", "TileParams", "TissueParams", "TissueMask", "TileResult", "SlideJob", "BatchReport",
     "otsu_threshold", "tissue_mask", "patch_grid", "tissue_fractions", "read_coords", "write_coords",
+    "write_skip_report", "read_skip_report",
     "tile_slide", "tile_slide_multi", "tile_slides", "tile_slides_multi", "save_qc", "binary_closing_square",
     "binary_opening_square", "erode_cross",
 ]

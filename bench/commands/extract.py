@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from baselines.extract import ExtractOptions, extract_cohort, pending_slides, summarize
     from bench.cohort import load_cohort
     from bench.console import info
+    from bench.errors import MissingFileError
     from bench.layout import Layout
 
     spec = get_encoder(args.encoder)  # an unknown name fails before the cohort is read
@@ -60,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     init_seed = args.seed if args.random_init else None
     encoder = None  # built only when some slide needs it: a rerun over finished slides loads no weights
     any_done = False
+    missing = [layout.tiles_dir(dataset, mag, args.patch_size) for mag in args.magnification
+               if not layout.tiles_dir(dataset, mag, args.patch_size).is_dir()]
+    if missing:  # one clear message instead of every slide skipped for want of its coords file
+        raise MissingFileError(
+            f"no coords in {', '.join(map(str, missing))}: tile the cohort at this magnification and patch size "
+            f"first (`bench tile --cohort {args.cohort} --out {args.workdir} --magnification "
+            f"{' '.join(f'{m:g}' for m in args.magnification)} --patch-size {args.patch_size}`"
+            + (f" --dataset {args.dataset}" if args.dataset else "") + ")")
     for mag in args.magnification:
         coords_dir = layout.tiles_dir(dataset, mag, args.patch_size)
         out_dir = layout.features_dir(dataset, args.encoder, mag, args.patch_size)

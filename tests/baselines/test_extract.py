@@ -279,3 +279,20 @@ def test_reading_workers_and_default_batch_size_fit_the_work():
     assert ExtractOptions(batch_size=5).batch_size_for(cpu, 224) == 5
     with pytest.raises(ConfigError, match="batch size"):
         ExtractOptions(batch_size=0)
+
+
+def test_slides_that_tiling_skipped_are_reported_with_its_reason(tiled, encoder, tmp_path, capsys):
+    root, tiles_src, jobs = tiled
+    tiles = copy_tiles(tiles_src, tmp_path / "tiles")
+    (tiles / f"{jobs[0].slide_id}.h5").unlink()
+    (tiles / "skipped.csv").write_text(f"slide_id,reason\n{jobs[0].slide_id},cannot open slide: truncated\n")
+    report = run(jobs[:2], tiles, tmp_path / "f", encoder)
+    assert report.skipped == [(jobs[0].slide_id, "not tiled (`bench tile` skipped it): cannot open slide: truncated")]
+    # the CLI refuses a magnification that was never tiled with one message naming the command to run
+    work = tmp_path / "work"
+    (work / "tiles" / "synth" / "20x-64px").mkdir(parents=True)
+    args = ["extract", "--workdir", str(work), "--cohort", str(root), "--dataset", "synth", "--encoder",
+            "resnet18-trunc", "--patch-size", "64", "--random-init", "--magnification", "20", "10"]
+    assert bench_main(args) == 2
+    err = capsys.readouterr().err
+    assert "10x-64px" in err and "20x-64px" not in err and "bench tile" in err and "--magnification 20 10" in err

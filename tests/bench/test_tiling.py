@@ -127,6 +127,10 @@ def test_blank_slide_and_bad_files_are_skipped_and_reported(synthetic_cohort, tm
     lines = (out / "skipped.csv").read_text().splitlines()
     assert lines[0] == "slide_id,reason" and len(lines) == 4
     assert sorted(p.name for p in out.glob("*.h5")) == ["S0000.h5"]  # nothing half-written
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = tile_slides(jobs, out, TileParams(magnification=10, patch_size=128))
+    assert again.skipped == report.skipped and [r.skipped for r in again.done] == [True]
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # rerun: no file touched
 
 
 def test_reads_clam_style_coords(tmp_path):
