@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -442,7 +443,7 @@ def tile_slide_multi(
     slide_id = slide_id or slide_path.stem
     outcomes: list[TileResult | BenchError | None] = []
     for params, out_dir in targets:
-        outcomes.append(None if force else _up_to_date(Path(out_dir), slide_id, params, qc))
+        outcomes.append(None if force else _up_to_date(Path(out_dir), slide_id, params, qc, slide_path, mpp))
     pending = [i for i, o in enumerate(outcomes) if o is None]
     if pending:
         with Slide(slide_path, mpp=mpp) as slide:
@@ -462,8 +463,13 @@ def tile_slide_multi(
     return outcomes  # type: ignore[return-value]
 
 
-def _up_to_date(out_dir: Path, slide_id: str, params: TileParams, qc: bool) -> TileResult | None:
-    """The TileResult of an existing coords file made with these parameters, else None."""
+def _up_to_date(out_dir: Path, slide_id: str, params: TileParams, qc: bool, slide_path: Path,
+                mpp: float | None) -> TileResult | None:
+    """The TileResult of an existing coords file made from this slide with these settings, else None.
+
+    Besides the parameters, the file must come from a slide file of the same size and the
+    same resolution source: changing a cohort's `mpp` override (or the slide) re-tiles.
+    """
     coords_path = out_dir / f"{slide_id}.h5"
     qc_path = out_dir / "qc" / f"{slide_id}.png"
     if not coords_path.exists():
@@ -472,9 +478,18 @@ def _up_to_date(out_dir: Path, slide_id: str, params: TileParams, qc: bool) -> T
         existing = read_coords(coords_path)
     except BenchError:
         return None  # damaged: redo
-    if existing.attrs.get("params_hash") != params.fingerprint() or (qc and not qc_path.exists()):
+    attrs = existing.attrs
+    if attrs.get("params_hash") != params.fingerprint() or (qc and not qc_path.exists()):
         return None
-    area = float(existing.attrs.get("tissue_area_mm2", float("nan")))
+    if (attrs.get("mpp_source") == "override") != (mpp is not None) or (
+            mpp is not None and not math.isclose(existing.mpp, mpp, rel_tol=1e-9)):
+        return None
+    try:
+        if "slide_bytes" in attrs and int(attrs["slide_bytes"]) != slide_path.stat().st_size:
+            return None
+    except OSError:
+        return None  # the slide is gone: let opening it report why
+    area = float(attrs.get("tissue_area_mm2", float("nan")))
     return TileResult(slide_id, coords_path, qc_path if qc else None, len(existing), area, 0.0, True)
 
 
@@ -514,6 +529,7 @@ def _tile_with_mask(slide: Slide, slide_id: str, out_dir: Path, params: TilePara
             "tissue_area_mm2": tissue_mm2,
             "params_hash": params.fingerprint(),
             "harness_version": __version__,
+            "slide_bytes": int(slide.path.stat().st_size),
             "level_dimensions": np.asarray(slide.level_dimensions[choice.level], dtype=np.int64),
         },
     )

@@ -268,3 +268,24 @@ def test_qc_thumbnail_shows_contour_and_patches(synthetic_cohort, tmp_path):
     assert qc.shape == (768, 1024, 3)  # the thumbnail's size: 1024 px on the longer side
     colours = {tuple(c) for c in qc.reshape(-1, 3)[::7]}
     assert (20, 200, 60) in colours and (40, 90, 220) in colours  # tissue contour, kept-patch outlines
+
+
+def test_changed_mpp_override_or_slide_file_retiles(synthetic_cohort, tmp_path):
+    import shutil
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    slide = tmp_path / "S.tif"
+    shutil.copy(root / "slides" / "S0000.tif", slide)
+    params = TileParams(magnification=10, patch_size=128)
+    first = tile_slide(slide, tmp_path / "t", params)
+    assert read_coords(first.coords_path).attrs["slide_bytes"] == slide.stat().st_size
+    assert tile_slide(slide, tmp_path / "t", params).skipped
+    override = tile_slide(slide, tmp_path / "t", params, mpp=0.4)  # the file said 0.5: coords made anew
+    c = read_coords(override.coords_path)
+    assert not override.skipped and c.mpp == 0.4 and c.attrs["mpp_source"] == "override"
+    assert c.patch_size_level0 == 320 and override.n_patches < first.n_patches
+    assert tile_slide(slide, tmp_path / "t", params, mpp=0.4).skipped
+    assert not tile_slide(slide, tmp_path / "t", params).skipped  # override removed: the file's own mpp again
+    shutil.copy(root / "slides" / "S0001.tif", slide)  # another slide under the same name
+    again = tile_slide(slide, tmp_path / "t", params)
+    assert not again.skipped and read_coords(again.coords_path).attrs["slide_bytes"] == slide.stat().st_size
