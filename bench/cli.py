@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("extract", "bench.commands.extract"),
     ("aggregators", "bench.commands.aggregators"),
     ("train", "bench.commands.train"),
+    ("check-gma", "bench.commands.check_gma"),
     ("sweep", "bench.commands.sweep"),
     ("run", "bench.commands.run"),
 )
