@@ -448,7 +448,7 @@ def run_train_rank(job: Mapping[str, Any]) -> None:
     import torch.distributed as dist
 
     from e2e.gma_core import DistTopology
-    from e2e.gma_launch import EventLog, init_distributed
+    from e2e.gma_launch import EventLog, init_distributed, progress_file
     from e2e.gma_train import LoopSetup, train_loop
 
     config = GMAConfig.from_dict(job["config"])
@@ -474,7 +474,9 @@ def run_train_rank(job: Mapping[str, Any]) -> None:
                           on_epoch=(lambda e, v: events.write("epoch", epoch=e, values=v)) if rank == 0 else None,
                           heartbeat=events.heartbeat if rank == 0 else None, fault=job.get("fault"),
                           enc_group=enc_group)
-        raw = train_loop(DistTopology(device, 0), device, setup)
+        topo = DistTopology(device, 0)
+        topo.progress_path = progress_file(folder, rank)
+        raw = train_loop(topo, device, setup)
         if rank == 0:
             assert raw is not None
             write_result(folder, raw)

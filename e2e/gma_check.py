@@ -245,7 +245,7 @@ def run_rank(job: dict[str, Any]) -> None:
 
     from bench.training import save_safetensors
     from e2e.gma_core import AggregatorSide, DistTopology, EncoderSide, check_ranks, gma_step
-    from e2e.gma_launch import EventLog, init_distributed, inject_fault
+    from e2e.gma_launch import EventLog, init_distributed, inject_fault, progress_file
 
     torch.set_num_threads(1)
     device, _ = init_distributed("gloo", float(job["timeout_s"]), "cpu")
@@ -258,6 +258,7 @@ def run_rank(job: dict[str, Any]) -> None:
         problem = CheckProblem(**{**job["problem"], "dtype": run["dtype"], "slides": tuple(job["problem"]["slides"])})
         dim = problem.dim + (1 if fault and fault.get("kind") == "feature_dim" and fault.get("rank") == rank else 0)
         topo = DistTopology(device, problem.dim, problem.torch_dtype)
+        topo.progress_path = progress_file(out_dir, rank)
         infos = topo.collect({"rank": rank, "feature_dim": dim, "config_hash": job["problem_hash"]})
         check_ranks(infos)  # every rank raises the same error before the first step
         encoder = aggregator = None

@@ -308,6 +308,12 @@ class LocalTopology:
     def __init__(self) -> None:
         self.comm_seconds = 0.0
 
+    def begin_round(self) -> None:
+        return None
+
+    def mark(self, phase: int, what: str) -> None:
+        return None
+
     def share(self, tiles: Tiles) -> Tiles:
         return tiles
 
@@ -357,9 +363,27 @@ class DistTopology:
         self.dtype = dtype if dtype is not None else torch.float32
         self.comm_seconds = 0.0
         self.where = ""  # "epoch 2, step 5": for error messages
+        # if set, the rank writes where it is into this file ("<round>\t<phase>\t<what>"): after a
+        # hang the parent sees which rank fell behind the others (see e2e.gma_launch.job_error)
+        self.progress_path: Any = None
+        self._round = 0
+
+    def begin_round(self) -> None:
+        """A new step, inference call or exchange: every rank starts the same rounds in the same order."""
+        self._round += 1
+
+    def mark(self, phase: int, what: str) -> None:
+        """Record that this rank entered `phase` (ordered within a round) of the current round."""
+        if self.progress_path is not None:
+            with contextlib.suppress(OSError):
+                with open(self.progress_path, "w", encoding="utf-8") as f:
+                    f.write(f"{self._round}\t{phase}\t{what}{' at ' + self.where if self.where else ''}\n")
 
     @contextlib.contextmanager
-    def _timed(self, what: str):
+    def _timed(self, what: str, phase: int = 0):
+        if phase == 0:
+            self.begin_round()  # an exchange outside a step is a round of its own
+        self.mark(phase, what)
         start = time.perf_counter()
         try:
             yield
@@ -393,7 +417,7 @@ class DistTopology:
         if local is not None and self.rank > 0:
             send[: local.shape[0]] = local
         recv = [torch.empty_like(send) for _ in range(self.world_size)] if self.rank == 0 else None
-        with self._timed("gathering features"):
+        with self._timed("gathering features", phase=2):
             self.dist.gather(send, recv, dst=0)
         if self.rank != 0:
             return None
@@ -417,7 +441,7 @@ class DistTopology:
                 piece = torch.zeros_like(recv)
                 piece[: int(sizes[r])] = full[int(bounds[r]):int(bounds[r + 1])]
                 send.append(piece)
-        with self._timed("scattering feature gradients"):
+        with self._timed("scattering feature gradients", phase=4):
             self.dist.scatter(recv, send, src=0)
         return None if self.rank == 0 else recv[: int(sizes[self.rank - 1])]
 
@@ -471,20 +495,32 @@ def gma_step(topo: LocalTopology | DistTopology, tiles: Tiles, target: Any, enco
     rank 0 the aggregator gradient, equal to a one-process backward of the same
     tiles. Returns the loss and logits on rank 0, None elsewhere.
     """
+    topo.begin_round()
     local = topo.share(tiles)
-    f_local = encoder.forward(local) if topo.is_encoder else None  # (n_r, D)
+    f_local = None
+    if topo.is_encoder:
+        topo.mark(1, "encoding its share")
+        f_local = encoder.forward(local)  # (n_r, D)
     features = topo.gather(f_local, len(tiles))  # (K, D) on rank 0
-    out, grad = aggregator.step(features, target) if topo.is_aggregator else (None, None)
+    out, grad = None, None
+    if topo.is_aggregator:
+        topo.mark(3, "running the aggregator")
+        out, grad = aggregator.step(features, target)
     g_local = topo.scatter(grad, len(tiles))  # (n_r, D) on encoder ranks
     if topo.is_encoder:
+        topo.mark(5, "backpropagating the pseudo-loss")
         encoder.backward(g_local)
     return out
 
 
 def encode_all(topo: LocalTopology | DistTopology, tiles: Tiles, encoder: EncoderSide | None) -> torch.Tensor | None:
     """Inference: every tile encoded without gradients, shares spread over the encoder ranks; (n, D) on rank 0."""
+    topo.begin_round()
     local = topo.share(tiles)
-    f_local = encoder.encode_nograd(local) if topo.is_encoder else None
+    f_local = None
+    if topo.is_encoder:
+        topo.mark(1, "encoding (inference)")
+        f_local = encoder.encode_nograd(local)
     return topo.gather(f_local, len(tiles))
 
 

@@ -48,6 +48,7 @@ from bench.files import write_json_atomic
 
 EVENTS = "events.jsonl"
 ERRORS = "errors"
+PROGRESS = "progress"
 JOB = "job.json"
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # error types a rank may raise that the parent re-raises as themselves (bad input, not a crash)
@@ -148,6 +149,34 @@ def write_error(folder: str | Path, rank: int, exc: BaseException) -> None:
         pass  # the error itself still reaches stderr
 
 
+def progress_file(folder: str | Path, rank: int) -> Path:
+    """Where a rank announces the collective it enters (`DistTopology.progress_path`)."""
+    path = Path(folder) / PROGRESS / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _laggards(folder: Path) -> str | None:
+    """'rank r fell behind ...' when some ranks stopped earlier in the step sequence than the others."""
+    seen: dict[int, tuple[tuple[int, int], str]] = {}
+    for path in (folder / PROGRESS).glob("rank*.txt"):
+        try:
+            rnd, phase, what = path.read_text(encoding="utf-8").strip().split("\t", 2)
+            seen[int(path.stem[4:])] = ((int(rnd), int(phase)), what)
+        except (OSError, ValueError):
+            continue
+    if len(seen) < 2:
+        return None
+    first = min(k for k, _ in seen.values())
+    last = max(k for k, _ in seen.values())
+    if first == last:
+        return None
+    behind = sorted(r for r, (k, _) in seen.items() if k == first)
+    lead = min(r for r, (k, _) in seen.items() if k == last)
+    return (f"rank(s) {', '.join(map(str, behind))} fell behind: last seen {seen[behind[0]][1]!r}, while rank "
+            f"{lead} had reached {seen[lead][1]!r} (a rank that hangs or dies stops first)")
+
+
 def inject_fault(fault: Mapping[str, Any] | None, rank: int, epoch: int, step: int) -> None:
     """Test hook from the job file: {"rank": r, "epoch": e, "step": s, "kind": "kill" | "hang" | "raise"}."""
     if not fault or int(fault.get("rank", -1)) != rank:
@@ -229,7 +258,8 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
         TrainingError: a rank failed, died or hung, or the job stopped making progress.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [folder / EVENTS, *sorted((folder / ERRORS).glob("rank*.json"))]:
+    for stale in [folder / EVENTS, *sorted((folder / ERRORS).glob("rank*.json")),
+                  *sorted((folder / PROGRESS).glob("rank*.txt"))]:
         stale.unlink(missing_ok=True)  # a previous attempt's events/errors would confuse this one
     job_path = folder / JOB
     write_json_atomic(job_path, dict(job))
@@ -329,6 +359,7 @@ def job_error(folder: Path, returncode: int, output: list[str]) -> BenchError:
     secondary = sorted((r for r in reports if r.get("communication")), key=lambda r: r.get("time", 0.0))
     root: dict[str, Any] = {"type": "TrainingError", "epoch": None}
     others = primary[1:] + secondary
+    lag = None if primary or deaths else _laggards(folder)
     if primary:
         root = primary[0]
         head = f"rank {root['rank']} failed: {root['type']}: {root['message']}"
@@ -336,6 +367,9 @@ def job_error(folder: Path, returncode: int, output: list[str]) -> BenchError:
         rank, sig = sorted(deaths.items())[0]
         deaths.pop(rank)
         head = f"rank {rank} died ({sig}) without reporting an error (killed, or out of memory)"
+    elif lag:  # a hang: the rank that stopped first, then the timeouts the others hit
+        root = {**(secondary[0] if secondary else root), "traceback": ""}
+        head = lag
     elif secondary:
         root, others = secondary[0], secondary[1:]
         head = root["message"]
@@ -343,7 +377,7 @@ def job_error(folder: Path, returncode: int, output: list[str]) -> BenchError:
         head = f"torchrun exited with status {returncode} and no rank reported an error"
     lines = [f"rank {r['rank']}: {r['type']}: {r['message'][:300]}" for r in others]
     lines += [f"rank {rank}: killed by {sig}" for rank, sig in sorted(deaths.items())]
-    if silent and not primary:
+    if silent and not primary and not lag:
         lines.append(f"rank(s) {', '.join(map(str, silent))} reported no error and were still running when the "
                      "job was stopped (if a rank hung, it is among them)")
     if root.get("traceback"):
