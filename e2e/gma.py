@@ -386,12 +386,15 @@ def _check_models(config: GMAConfig, bags: FoldBags) -> None:
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r} for aggregator {config.aggregator!r}; valid: "
                           f"{', '.join(spec.defaults)}")
-    if config.batchnorm == "sync":
-        import torch
+    import torch
 
-        if config.device == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("GMA batchnorm='sync' uses SyncBatchNorm, which runs on CUDA only; use "
-                              "batchnorm='frozen' on CPU")
+    cuda = config.device != "cpu" and torch.cuda.is_available()
+    if config.batchnorm == "sync" and not cuda:
+        raise ConfigError("GMA batchnorm='sync' uses SyncBatchNorm, which runs on CUDA only; use "
+                          "batchnorm='frozen' on CPU")
+    if config.mode == "distributed" and cuda and config.nproc > torch.cuda.device_count():
+        raise ConfigError(f"GMA nproc={config.nproc} needs one GPU per process, but this machine has "
+                          f"{torch.cuda.device_count()}; lower nproc, or run torchrun on several nodes (README)")
     if bags.parts["train"].empty:
         raise DataError("GMA needs at least one training bag")
 
@@ -492,6 +495,7 @@ def _job_from_config(path: Path) -> dict[str, Any]:
     import tomllib
 
     from bench.splits import load_splits
+    from bench.suite import Tiling
     from bench.tasks import make_task
     from bench.training import fold_bags
 
@@ -513,13 +517,10 @@ def _job_from_config(path: Path) -> dict[str, Any]:
                      **({"classes": cohort.classes} if cohort.task == "classification" else {}))
     bags = fold_bags(task, cohort.table, load_splits(raw["split"]), int(raw.get("fold", 0)))
 
-    class _Tiling:
-        magnification = float(raw.get("magnification", 20.0))
-        patch_size = int(raw.get("patch_size", 256))
-        input_size = int(raw.get("input_size", 224))
-
+    tiling = Tiling(magnification=float(raw.get("magnification", 20.0)), patch_size=int(raw.get("patch_size", 256)),
+                    input_size=int(raw.get("input_size", 224)))
     config = GMAConfig.from_params(raw["encoder"], raw.get("aggregator", "gma"), dict(raw.get("params", {})),
-                                   tiling=_Tiling, aggregator_params=raw.get("aggregator_params"),
+                                   tiling=tiling, aggregator_params=raw.get("aggregator_params"),
                                    weights=raw.get("weights"), random_init=bool(raw.get("random_init", False)),
                                    seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")))
     out = Path(raw["out"])

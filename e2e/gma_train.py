@@ -207,7 +207,7 @@ class Checkpoints:
 # ----------------------------------------------------------------------------- inference
 
 
-def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any, device: Any,
+def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any, device: Any, precision: str,
                  heartbeat: Callable[..., None] | None = None, attention: bool = False
                  ) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Logits (B, C) of every bag of `frame` on rank 0 (None elsewhere), + attention per bag if asked.
@@ -230,7 +230,7 @@ def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any
         counts = [int(data.counts[s]) for s in slide_ids]
         feats = encode_all(topo, all_tiles(slide_ids, counts), enc)  # (N, D) on rank 0
         if topo.is_aggregator:
-            with torch.no_grad(), autocast(device, getattr(enc, "precision", "fp32") if enc else "fp32"):
+            with torch.no_grad(), autocast(device, precision):
                 out = agg_model(feats.unsqueeze(0).to(device))  # (1, N, D) -> (1, C)
             logits.append(out.logits.float().cpu().numpy()[0])
             if attention:
@@ -362,7 +362,7 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
         metrics: dict[str, float] = {}
         note = None
         if val_targets is not None:
-            logits, _ = predict_bags(topo, val, setup.data, enc, agg_model, device, setup.heartbeat)
+            logits, _ = predict_bags(topo, val, setup.data, enc, agg_model, device, c.precision, setup.heartbeat)
             if rank == 0:
                 try:
                     metrics = task.metrics(val_targets, task.scores(logits))
@@ -405,7 +405,7 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
     if topo.distributed:
         topo.where = "final validation"
     if val_targets is not None:
-        logits, _ = predict_bags(topo, val, setup.data, enc, agg_model, device, setup.heartbeat)
+        logits, _ = predict_bags(topo, val, setup.data, enc, agg_model, device, c.precision, setup.heartbeat)
         if rank == 0:
             result["val"] = task.prediction_frame(val["bag_id"], val["patient_id"], val_targets, task.scores(logits))
     infer_seconds = math.nan
@@ -414,8 +414,8 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
         if topo.distributed:
             topo.where = "test prediction"
         t0 = time.perf_counter()
-        logits, attention = predict_bags(topo, test, setup.data, enc, agg_model, device, setup.heartbeat,
-                                         attention=True)
+        logits, attention = predict_bags(topo, test, setup.data, enc, agg_model, device, c.precision,
+                                         setup.heartbeat, attention=True)
         n_slides = sum(len(s) for s in test["slide_ids"])
         infer_seconds = (time.perf_counter() - t0) / max(1, n_slides)
         if rank == 0:
