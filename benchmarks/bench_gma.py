@@ -159,7 +159,8 @@ def _rss_mib() -> float:
 def run_one(args: argparse.Namespace, mode: str, k: int, threads: int, device: str = "cpu") -> dict:
     cmd = [sys.executable, str(HERE), "--one", mode, str(k), str(threads), "--steps", str(args.steps),
            "--input", str(args.input), "--chunk", str(args.chunk), "--device", device]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if out.returncode != 0:
         raise RuntimeError(f"{mode} K={k} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -171,10 +171,13 @@ class EncoderSide:
             `backward` (chunked mode; memory flat in K). False keeps the graph of
             the whole share (the paper: one pass).
         scale: the pseudo-loss factor N (undoes DDP's averaging over N ranks); 1 without DDP.
+        transform: applied to the pixels on the device (CUDA: the pixel source returns
+            uint8 patches, normalised on the GPU); None when `pixels` returns them ready.
     """
 
     def __init__(self, model: torch.nn.Module, pixels: PixelFn, device: torch.device, dim: int, *,
-                 precision: str = "fp32", chunk: int = 64, recompute: bool = False, scale: float = 1.0) -> None:
+                 precision: str = "fp32", chunk: int = 64, recompute: bool = False, scale: float = 1.0,
+                 transform: Callable[[Any], Any] | None = None) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         self.model = model
@@ -186,18 +189,59 @@ class EncoderSide:
         self.chunk = int(chunk)
         self.recompute = recompute
         self.scale = float(scale)
+        self.transform = transform
         self.dim = int(dim)
         # features travel in the parameters' dtype: float32, or float64 in the equivalence check
         self.dtype = next(self.raw.parameters()).dtype
         self._features: torch.Tensor | None = None
         self._tiles: Tiles | None = None
-        self.read_seconds = 0.0
+        self._next: Tiles | None = None
+        self._ahead: tuple[Tiles, Any] | None = None
+        self._pool: Any = None
+        self.read_seconds = 0.0  # time spent reading or waiting for pixels
+
+    def read_next(self, tiles: Tiles | None) -> None:
+        """Read `tiles` (the next step's share) in a background thread once this step's pixels are in.
+
+        The reads then overlap this step's encoding, communication and backward.
+        One reader thread, and the training thread never reads while it runs,
+        so the patch source is never used by two threads at once.
+        """
+        self._next = tiles
 
     def _load(self, tiles: Tiles) -> torch.Tensor:
         start = time.perf_counter()
-        x = load_pixels(self.pixels, tiles).to(self.device, dtype=self.dtype, non_blocking=True)
+        x = None
+        if self._ahead is not None:
+            ahead, future = self._ahead
+            self._ahead = None
+            pixels = future.result()  # also when it is not ours: no two reads at once
+            if ahead.slide_ids == tiles.slide_ids and np.array_equal(ahead.slide, tiles.slide) \
+                    and np.array_equal(ahead.index, tiles.index):
+                x = pixels
+        if x is None:
+            x = load_pixels(self.pixels, tiles)
+        if self._next is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gma-read")
+            self._ahead = (self._next, self._pool.submit(load_pixels, self.pixels, self._next))
+            self._next = None
+        if self.transform is not None:  # uint8 pixels: copied as bytes, normalised on the device
+            x = self.transform(x.to(self.device, non_blocking=True))
+        x = x.to(self.device, dtype=self.dtype, non_blocking=True)
         self.read_seconds += time.perf_counter() - start
         return x
+
+    def close(self) -> None:
+        """Finish a pending read and stop the reader thread."""
+        if self._ahead is not None:
+            self._ahead[1].result()
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _encode(self, model: torch.nn.Module, tiles: Tiles) -> torch.Tensor:
         with _precision_ctx(self.device, self.precision):

@@ -13,7 +13,8 @@ epoch events to a callback (Optuna pruning). Three layers stop a broken job:
    them fail at once (gloo sees the closed connection);
 2. torchrun's agent stops every worker as soon as one exits with an error;
 3. the parent kills the whole session when nothing happened for
-   `timeout_s + min(timeout_s, 60)` seconds (a hang outside any collective).
+   `timeout_s + 60` seconds (a hang outside any collective, or a start-up that
+   never gets going); the ranks' own timeouts normally fire first.
 
 Each rank that fails writes `errors/rank<r>.json` (type, message, epoch, time);
 the parent turns those and torchrun's failure summary into one error that says
@@ -178,8 +179,8 @@ def _laggards(folder: Path) -> str | None:
 
 
 def inject_fault(fault: Mapping[str, Any] | None, rank: int, epoch: int, step: int) -> None:
-    """Test hook from the job file: {"rank": r, "epoch": e, "step": s, "kind": "kill" | "hang" | "raise"}."""
-    if not fault or int(fault.get("rank", -1)) != rank:
+    """Test hook from the job file: {"rank": r | "all", "epoch": e, "step": s, "kind": "kill" | "hang" | "raise"}."""
+    if not fault or (fault.get("rank") != "all" and int(fault.get("rank", -1)) != rank):
         return
     if int(fault.get("epoch", 0)) != epoch or int(fault.get("step", 0)) != step:
         return
@@ -241,14 +242,14 @@ class _Tail:
 
 def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: float,
             on_event: Callable[[dict], None] | None = None, echo: bool = True,
-            env: Mapping[str, str] | None = None) -> float:
+            env: Mapping[str, str] | None = None, slack_s: float = 60.0) -> float:
     """Run one GMA job to the end; returns its wall-clock seconds.
 
     Args:
         job: the job (JSON-able); `folder` receives job.json, events.jsonl, errors/.
         nproc: world size (1 aggregator + N encoder ranks).
         timeout_s: the ranks' collective timeout; the parent gives up after
-            `timeout_s + min(timeout_s, 60)` seconds without any event or output.
+            `timeout_s + slack_s` seconds without any event or output.
         on_event: called with every event rank 0 logs; if it raises, the job is
             terminated and the exception propagates (e.g. optuna.TrialPruned).
         echo: forward the ranks' output to stderr.
@@ -286,7 +287,7 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     events = _Tail(folder / EVENTS)
-    limit = float(timeout_s) + min(float(timeout_s), 60.0)
+    limit = float(timeout_s) + float(slack_s)  # slack: start-up (imports on a loaded machine), teardown
     try:
         while True:
             done = proc.poll() is not None

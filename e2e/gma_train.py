@@ -59,6 +59,7 @@ class RankData:
     counts: Mapping[str, int]
     pixels: Callable[[str, np.ndarray], Any] | None
     lesions: Callable[[str], Any] | None = None
+    transform: Callable[[Any], Any] | None = None  # applied on the device after the copy (CUDA: uint8 pixels)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def build_encoder_side(setup: LoopSetup, topo: Any, device: Any) -> tuple[Any, A
                                           forward_sync_buffers=c.batchnorm != "frozen")
     side = EncoderSide(wrapped, setup.data.pixels, device, spec.embed_dim, precision=c.precision, chunk=c.chunk,
                        recompute=c.mode == "chunked" or c.recompute,
-                       scale=topo.n_encoders if topo.distributed else 1.0)
+                       scale=topo.n_encoders if topo.distributed else 1.0, transform=setup.data.transform)
     return model, side, spec.embed_dim
 
 
@@ -332,12 +333,15 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
         if agg_model is not None:
             agg_model.train()
         order = task.epoch_indices(train_targets, c.seed + epoch)
+        plan = [sample_tiles(ids, [int(setup.data.counts[s]) for s in ids], c.tiles, c.seed, epoch, step)
+                for step, ids in enumerate(tuple(train.iloc[int(b)]["slide_ids"]) for b in order)]
+        read_ahead = enc is not None and c.workers > 0 and not enc.recompute
         loss_sum = 0.0
         for step, b in enumerate(order):
             row = train.iloc[int(b)]
-            slide_ids = tuple(row["slide_ids"])
-            tiles = sample_tiles(slide_ids, [int(setup.data.counts[s]) for s in slide_ids], c.tiles, c.seed, epoch,
-                                 step)
+            tiles = plan[step]
+            if read_ahead:
+                enc.read_next(topo.share(plan[step + 1]) if step + 1 < len(plan) else None)
             inject_fault(setup.fault, rank, epoch, step)
             if topo.distributed:
                 topo.where = f"epoch {epoch}, step {step} (bag {row['bag_id']})"
@@ -397,6 +401,8 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
             setup.on_epoch(epoch, dict(history[-1]))
         stop = selector.should_stop
     train_seconds = elapsed_before + time.perf_counter() - wall_start
+    if enc is not None:
+        enc.close()
 
     # --- selected weights, final predictions, weights files
     if selector.best_state is not None:

@@ -81,7 +81,8 @@ class PatchSource(Protocol):
     def close(self) -> None: ...
 
 
-def _lookup(dirs: Mapping[float, Path], magnification: float, what: str, fix: str) -> Path:
+def magnification_dir(dirs: Mapping[float, Path], magnification: float, what: str, fix: str) -> Path:
+    """The folder of `dirs` for `magnification` (float keys compared with a tolerance)."""
     for m, d in dirs.items():
         if math.isclose(float(m), float(magnification), rel_tol=1e-6):
             return Path(d)
@@ -160,7 +161,7 @@ class LiveSource:
         if key not in self._coords:
             from bench.tiling import read_coords
 
-            folder = _lookup(self.tiles_dirs, magnification, "coords folder",
+            folder = magnification_dir(self.tiles_dirs, magnification, "coords folder",
                              f"run `bench tile --magnification {float(magnification):g}`")
             self._coords[key] = read_coords(folder / f"{slide_id}.h5")
         return self._coords[key]
@@ -245,7 +246,7 @@ class PackedSource:
         self._stores = _Handles()
 
     def store_path(self, slide_id: str, magnification: float) -> Path:
-        folder = _lookup(self.packed_dirs, magnification, "packed patch store",
+        folder = magnification_dir(self.packed_dirs, magnification, "packed patch store",
                          f"run `bench pack --magnification {float(magnification):g}`")
         return folder / f"{slide_id}.h5"
 
@@ -519,5 +520,5 @@ def pack_cohort(cohort: Cohort, tiles_dir: Path, out_dir: Path, *, quality: int 
 
 __all__ = [
     "PatchSource", "LiveSource", "PackedSource", "PackReport", "PackResult", "SOURCE_KINDS", "open_source",
-    "pack_cohort", "pack_slide", "packed_dirs_for", "store_config", "store_is_current", "encode_jpeg",
+    "pack_cohort", "pack_slide", "packed_dirs_for", "magnification_dir", "store_config", "store_is_current", "encode_jpeg",
 ]

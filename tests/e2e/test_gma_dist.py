@@ -60,3 +60,20 @@ def test_a_rank_with_another_feature_size_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"feature size differs between ranks.*rank 2 produces 13"):
         check_gma((3,), ("float64",), recompute=False, timeout_s=30,
                   fault={"rank": 2, "kind": "feature_dim"})
+
+
+@pytest.mark.slow
+def test_the_parent_stops_a_job_whose_ranks_all_hang_outside_any_collective(tmp_path):
+    """No rank waits in a collective, so no collective timeout fires: the parent's watchdog must."""
+    from bench.files import config_hash
+    from e2e.gma_check import CheckProblem
+    from e2e.gma_launch import run_job
+
+    problem = CheckProblem()
+    job = {"kind": "check", "problem": problem.to_dict(), "problem_hash": config_hash(problem.to_dict()),
+           "runs": [{"dtype": "float64", "recompute": False}], "out": str(tmp_path), "timeout_s": 3,
+           "fault": {"rank": "all", "epoch": 0, "step": 1, "kind": "hang"}}
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match="made no progress"):
+        run_job(job, tmp_path, 3, timeout_s=3, slack_s=5, echo=False)
+    assert time.monotonic() - start < 60

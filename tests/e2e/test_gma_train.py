@@ -64,7 +64,7 @@ def test_distributed_training_from_pixels_records_metrics_and_per_rank_costs_and
 
     cohort, tiles, bags = fold
     logged = []
-    result = train_gma(bags, cohort, tiles, config(), tmp_path / "dist", echo=False,
+    result = train_gma(bags, cohort, tiles, config(workers=1), tmp_path / "dist", echo=False,
                        epoch_callback=lambda epoch, values: logged.append((epoch, values)))
     # predictions: one row per bag, probabilities
     for part in ("val", "test"):
