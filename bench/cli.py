@@ -27,6 +27,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("check-gma", "bench.commands.check_gma"),
     ("sweep", "bench.commands.sweep"),
     ("run", "bench.commands.run"),
+    ("runs", "bench.commands.runs"),
 )
 
 
