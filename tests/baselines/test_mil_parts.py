@@ -113,7 +113,8 @@ def test_nystrom_is_exact_softmax_attention_when_every_token_is_a_landmark():
     # n == m: each landmark is one token, so softmax(QK~) pinv(softmax(Q~K~)) softmax(Q~K) = softmax(QK^T)
     torch.manual_seed(0)
     n, dim, heads = 12, 16, 2
-    layer = NystromAttention(dim, heads=heads, dim_head=8, n_landmarks=n, pinv_iterations=30, dropout=0.0).double()
+    layer = NystromAttention(dim, heads=heads, dim_head=8, n_landmarks=n, pinv_iterations=30, dropout=0.0,
+                             exact_short=False).double()
     x = torch.randn(1, n, dim, dtype=torch.float64)
     out, row = layer(x, cls_row=0)
     q, k, v = layer.to_qkv(x).reshape(1, n, 3, heads, 8).permute(2, 0, 3, 1, 4)
@@ -121,6 +122,23 @@ def test_nystrom_is_exact_softmax_attention_when_every_token_is_a_landmark():
     torch.testing.assert_close(row, exact[:, :, 0], rtol=1e-6, atol=1e-8)
     expected = (exact @ v + layer.res_conv(v)).transpose(1, 2).reshape(1, n, 16)
     torch.testing.assert_close(out, layer.to_out(expected), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("n, m", [(5, 8), (3, 16), (8, 8)])
+def test_short_sequences_get_the_value_the_masked_landmark_path_converges_to(n, m):
+    # fewer tokens than landmarks: pad landmarks masked, every token its own landmark; with a converged
+    # pseudo-inverse the landmark path equals the exact shortcut (the default), and 6 iterations come close
+    torch.manual_seed(1)
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    exact = NystromAttention(16, heads=2, dim_head=8, n_landmarks=m, dropout=0.0).double().eval()
+    landmark = NystromAttention(16, heads=2, dim_head=8, n_landmarks=m, pinv_iterations=60, dropout=0.0,
+                                exact_short=False).double().eval()
+    landmark.load_state_dict(exact.state_dict())
+    (out_e, row_e), (out_l, row_l) = exact(x, cls_row=0), landmark(x, cls_row=0)
+    torch.testing.assert_close(out_e, out_l, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(row_e, row_l, rtol=1e-9, atol=1e-12)
+    landmark.pinv_iterations = 6  # the reference's setting: an approximation of the same value
+    assert float((landmark(x)[0] - out_e).abs().max()) < 5e-2 * float(out_e.abs().max())
 
 
 def test_transmil_attention_folds_grid_fillers_back_onto_instances():
