@@ -525,7 +525,8 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
         with timer.stage("leaderboard"):
             report.leaderboard = build_leaderboard(
                 Path(options.workdir), suite.name, Path(options.leaderboards), synthetic=suite.demo,
-                reported=suite.reported, command=options.command)
+                reported=suite.reported, command=options.command,
+                data_names={d.name: d.data for d in suite.datasets})
     report.stage_seconds = timer.to_dict()
     _write_stage_times(Path(options.workdir), suite.name, report)
     return report

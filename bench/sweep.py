@@ -25,10 +25,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
-from collections.abc import Mapping
+import time
+import warnings
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,19 +84,72 @@ def suggest(trial: Any, name: str, space: SearchParam) -> Any:
     return trial.suggest_float(name, float(space.low), float(space.high), step=space.step, log=space.log)
 
 
-def open_study(storage: str, name: str, seed: int, *, create: bool = True) -> Any:
-    """Load or create the study behind `storage` with heartbeats, retries, TPE and the median pruner."""
-    import optuna
+@contextlib.contextmanager
+def _setup_lock(storage: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite study file while the storage is set up.
+
+    Two sweeps that start at once on a new file otherwise race to create its
+    tables (one fails with "table studies already exists"). Other databases
+    handle concurrent set-up themselves or are retried by `open_study`.
+    """
+    prefix = "sqlite:///"
+    path = storage[len(prefix):] if storage.startswith(prefix) else ""
+    if not path or path.startswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(f"{path}.setup-lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the other sweep has set the file up
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _rdb_storage(storage: str) -> Any:
+    import inspect
+
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    try:
-        rdb = RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY),
-                         engine_kwargs=engine_kwargs)
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many types for a bad URL
-        raise ConfigError(f"cannot open Optuna storage {storage!r}: {exc}. Use an RDB URL such as "
-                          "sqlite:///path/study.db or postgresql://user@host/db") from None
+    retry = RetryFailedTrialCallback(max_retry=MAX_RETRY)
+    # optuna >= 4.9 names the callback for trials whose heartbeat stopped (a killed worker)
+    key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+           in inspect.signature(RDBStorage).parameters else "failed_trial_callback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the retry callback's own deprecation notice
+        return RDBStorage(storage, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                          engine_kwargs=engine_kwargs, **{key: retry})
+
+
+def open_study(storage: str, name: str, seed: int, *, create: bool = True, attempts: int = 3) -> Any:
+    """Load or create the study behind `storage` with heartbeats, retries, TPE and the median pruner.
+
+    Several sweeps may open one study at once (several machines on one
+    PostgreSQL/MySQL study, or two terminals on one SQLite file): set-up is
+    serialised for SQLite and retried `attempts` times elsewhere.
+    """
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with _setup_lock(storage):
+                return _open_study(storage, name, seed, create=create)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many types for a bad URL or a set-up race
+            last = exc
+            time.sleep(0.5 * (attempt + 1))
+    raise ConfigError(f"cannot open Optuna storage {storage!r}: {last}. Use an RDB URL such as "
+                      "sqlite:///path/study.db or postgresql://user@host/db") from None
+
+
+def _open_study(storage: str, name: str, seed: int, *, create: bool) -> Any:
+    import optuna
+
+    rdb = _rdb_storage(storage)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     # The sampler seed moves with the study's size: a resumed or parallel sweep does not replay
     # the random start-up points already tried.

@@ -133,3 +133,38 @@ def test_study_summary_counts_states_and_best(tmp_path):
     values = [t.value for t in study.trials if t.value is not None]
     assert best["best_value"] == max(values) and set(best["best_params"]) == {"x", "c"}
     assert set(best["importances"]) <= {"x", "c"} and best["metric"] == "val_auc"
+
+
+_WORKER = """
+import sys, time
+import optuna
+from bench.sweep import open_study
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = open_study(sys.argv[1], "shared", seed=int(sys.argv[2]))
+def objective(trial):
+    x = trial.suggest_float("x", 0, 1)
+    time.sleep(0.05)  # keep both writers inside the study at the same time
+    return -((x - 0.3) ** 2)
+study.optimize(objective, n_trials=6)
+"""
+
+
+def test_two_sweeps_writing_to_one_sqlite_study_at_once_keep_every_trial(tmp_path):
+    import subprocess
+    import sys
+
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    workers = [subprocess.Popen([sys.executable, str(script), storage, str(seed)], stderr=subprocess.PIPE, text=True)
+               for seed in (0, 1)]
+    errors = [w.communicate(timeout=240)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = sorted(t.number for t in study.trials)
+    assert numbers == list(range(12))  # both workers' trials, none lost or overwritten
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # the sampler seed moves with the study's size, so the workers did not replay the same start-up points
+    assert len({round(t.params["x"], 12) for t in study.trials}) == 12
