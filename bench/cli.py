@@ -28,6 +28,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("sweep", "bench.commands.sweep"),
     ("run", "bench.commands.run"),
     ("runs", "bench.commands.runs"),
+    ("leaderboard", "bench.commands.leaderboard"),
 )
 
 
