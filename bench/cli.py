@@ -22,13 +22,14 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("split", "bench.commands.split"),
     ("encoders", "bench.commands.encoders"),
     ("extract", "bench.commands.extract"),
+    ("pack", "bench.commands.pack"),
     ("aggregators", "bench.commands.aggregators"),
     ("train", "bench.commands.train"),
     ("check-gma", "bench.commands.check_gma"),
     ("sweep", "bench.commands.sweep"),
     ("run", "bench.commands.run"),
-    ("runs", "bench.commands.runs"),
     ("leaderboard", "bench.commands.leaderboard"),
+    ("runs", "bench.commands.runs"),
 )
 
 

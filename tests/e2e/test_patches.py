@@ -201,3 +201,53 @@ def test_bad_requests_are_named(tiled, tmp_path):
     with pytest.raises(ConfigError, match="pass packed_dirs"):
         packed_dirs_for({MAG: tmp_path})
     assert packed_dirs_for({MAG: Path("/w/tiles/ds/10x-64px")}) == {MAG: Path("/w/patches/ds/10x-64px")}
+
+
+def test_bench_pack_packs_a_tiled_cohort_resumably_and_names_bench_tile_when_untiled(synthetic_cohort, tmp_path,
+                                                                                      capsys):
+    from bench.cli import main
+    from bench.cohort import load_cohort
+    from bench.layout import Layout
+    from e2e.patches import LiveSource, PackedSource
+
+    root = synthetic_cohort("subtyping", n_slides=10, width=1024, height=768)
+    cohort = load_cohort(root)
+    work = tmp_path / "work"
+    common = ["--cohort", str(root), "--workdir", str(work), "--dataset", "syn", "--patch-size", str(PATCH)]
+    assert main(["tile", "--cohort", str(root), "--out", str(work), "--dataset", "syn", "--magnification", "10",
+                 "--patch-size", str(PATCH), "--no-qc"]) == 0
+    capsys.readouterr()
+    # not tiled at 5x: a one-line error that says which `bench tile` to run, and nothing packed
+    assert main(["pack", *common, "--magnification", "10", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "5x-64px" in err and f"bench tile --cohort {root} --out {work} --magnification 10 5 --patch-size 64" in err
+    layout = Layout(work)
+    out = layout.patches_dir("syn", MAG, PATCH)
+    assert not out.exists()
+
+    assert main(["pack", *common, "--magnification", "10"]) == 0
+    err = capsys.readouterr().err
+    assert f"packed 10 slides into {out} (10 new, 0 up to date)" in err
+    live, store = LiveSource(cohort, {MAG: layout.tiles_dir("syn", MAG, PATCH)}), PackedSource({MAG: out})
+    for sid in cohort.slide_ids:
+        n = live.n_patches(sid, MAG)
+        assert store.n_patches(sid, MAG) == n > 0
+        np.testing.assert_array_equal(store.coords(sid, MAG), live.coords(sid, MAG))
+        a, b = live.read(sid, MAG, range(n)), store.read(sid, MAG, range(n))  # every patch of the slide
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert diff.mean() < 3 and diff.max() < 40, sid  # JPEG q95 4:4:4
+    store.close()
+    live.close()
+
+    # a rerun keeps every finished store; a lost store is the only one redone
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    assert main(["pack", *common]) == 0  # default magnification: 10x, the E2E main scale
+    assert "(0 new, 10 up to date)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == stamps
+    lost = out / f"{cohort.slide_ids[3]}.h5"
+    lost.unlink()
+    assert main(["pack", *common, "--magnification", "10"]) == 0
+    assert "(1 new, 9 up to date)" in capsys.readouterr().err
+    assert lost.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if p != lost} == \
+        {k: v for k, v in stamps.items() if k != lost.name}
