@@ -190,7 +190,9 @@ def prepare_dataset(suite: Suite, ds: DatasetSpec, options: RunOptions, timer: S
         with timer.stage("synthesize"):
             info(f"[{ds.name}] synthetic cohort in {folder} (no --data-root: demo data)")
             make_synthetic(ds, folder)
-    cohort = load_cohort(folder, name=ds.name, task=ds.task, classes=ds.classes, labels=ds.labels)
+    # a cohort the harness wrote has labels.csv, whatever the real dataset's labels file is called
+    labels = "labels.csv" if synthetic else ds.labels
+    cohort = load_cohort(folder, name=ds.name, task=ds.task, classes=ds.classes, labels=labels)
     synthetic = synthetic or _is_synthetic(folder)
     if ds.mpp is not None:  # slides that record no resolution use the suite's mpp
         cohort = replace(cohort, table=cohort.table.assign(mpp=cohort.table["mpp"].fillna(ds.mpp)))

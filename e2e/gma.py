@@ -246,9 +246,11 @@ def bags_from_dict(d: Mapping[str, Any]) -> FoldBags:
 
 
 def cohort_to_dict(cohort: Any) -> dict[str, Any]:
-    return {"root": str(cohort.root), "name": cohort.name, "task": cohort.task,
-            "classes": list(cohort.classes) if cohort.classes else None, "labels": str(cohort.labels_file),
-            "slide_dir": str(cohort.slide_dir)}
+    # absolute paths: the ranks may start in another folder, and `labels_file` / `slide_dir` already
+    # include the root (a relative root would be joined twice)
+    return {"root": str(Path(cohort.root).resolve()), "name": cohort.name, "task": cohort.task,
+            "classes": list(cohort.classes) if cohort.classes else None,
+            "labels": str(Path(cohort.labels_file).resolve()), "slide_dir": str(Path(cohort.slide_dir).resolve())}
 
 
 def cohort_from_dict(d: Mapping[str, Any]) -> Any:
@@ -381,8 +383,10 @@ def train_gma(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], con
     source.close()
     folder = out_dir / JOB_FOLDER
     job = {"kind": "train", "config": config.to_dict(), "config_hash": chash, "bags": bags_to_dict(bags),
-           "cohort": cohort_to_dict(cohort), "tiles_dirs": {str(float(m)): str(p) for m, p in tiles_dirs.items()},
-           "out": str(out_dir), "folder": str(folder), "predict_test": bool(predict_test),
+           "cohort": cohort_to_dict(cohort),
+           "tiles_dirs": {str(float(m)): str(Path(p).resolve()) for m, p in tiles_dirs.items()},
+           "out": str(Path(out_dir).resolve()), "folder": str(Path(folder).resolve()),
+           "predict_test": bool(predict_test),
            "fault": dict(fault) if fault else None}
 
     def on_event(event: dict) -> None:

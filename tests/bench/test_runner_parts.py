@@ -168,3 +168,21 @@ def test_two_sweeps_writing_to_one_sqlite_study_at_once_keep_every_trial(tmp_pat
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     # the sampler seed moves with the study's size, so the workers did not replay the same start-up points
     assert len({round(t.params["x"], 12) for t in study.trials}) == 12
+
+
+def test_synthetic_cohort_of_a_dataset_with_its_own_labels_file_name(tmp_path):
+    # the survival suite reads survival.csv from real data; the demo cohort the harness writes has labels.csv
+    from bench.costs import StageTimer
+    from bench.runner import RunOptions, prepare_dataset
+
+    suite = parse_suite({
+        "name": "s", "seeds": [0],
+        "datasets": [{"name": "surv", "task": "survival", "labels": "survival.csv",
+                      "split": {"protocol": "holdout", "ratios": [0.6, 0.4], "val_fraction": 0.25},
+                      "two_stage": {"magnification": 10, "patch_size": 64, "input_size": 32},
+                      "e2e": {"magnification": 10, "patch_size": 64, "input_size": 32},
+                      "synthetic": {"kind": "survival", "n_slides": 8, "width": 768, "height": 512}}],
+        "methods": [{"paradigm": "two-stage", "encoder": "resnet18-trunc", "aggregator": "mean", "random_init": True}],
+    }, source="test")
+    prep = prepare_dataset(suite, suite.datasets[0], RunOptions(workdir=tmp_path / "work"), StageTimer())
+    assert prep.synthetic and prep.cohort.task == "survival" and len(prep.cohort.slide_ids) >= 8

@@ -293,3 +293,16 @@ def test_read_ahead_reads_the_next_share_in_the_background_with_the_same_feature
     ahead.close()
     assert readers[0] == threading.current_thread().name  # the first share: nothing was read ahead yet
     assert all(r.startswith("gma-read") for r in readers[1:]) and len(readers) == 3
+
+
+def test_job_cohort_paths_are_absolute_so_ranks_load_it_from_any_folder(synthetic_cohort, tmp_path, monkeypatch):
+    # `bench run` with its default relative workdir: the ranks must not join the root twice
+    from bench.cohort import load_cohort
+    from e2e.gma import cohort_from_dict, cohort_to_dict
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    monkeypatch.chdir(root.parent)
+    job = cohort_to_dict(load_cohort(root.name))  # a relative cohort folder
+    assert all(Path(job[k]).is_absolute() for k in ("root", "labels", "slide_dir"))
+    monkeypatch.chdir(tmp_path)  # a rank started elsewhere
+    assert cohort_from_dict(job).slide_ids == load_cohort(root).slide_ids
