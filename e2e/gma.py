@@ -45,6 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from bench.checks import check_choice, check_int
 from bench.errors import BenchError, ConfigError, DataError, MissingFileError
 from bench.training import EpochCallback, FoldBags, TrainResult
 
@@ -60,15 +61,11 @@ _RUN_ONLY = ("timeout_s", "workers", "device", "backend")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"GMA {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"GMA {name}", value, minimum)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"GMA {name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return check_choice(f"GMA {name}", value, choices)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.checks import check_choice, check_int, check_positive
 from bench.errors import ConfigError, DataError, MissingFileError
 from bench.training import EpochCallback, FoldBags, TrainResult
 from e2e.inference import encode_slide  # noqa: F401  (public API of this module: the GMA trainer reuses it)
@@ -61,21 +62,15 @@ FLOPS_SAMPLES = 512  # the paper's Table 6 counts FLOPs for 512 sampled 224 px p
 
 
 def _int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"E2E {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(f"E2E {name}", value, minimum)
 
 
 def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"E2E {name} must be a positive number, got {value!r}")
-    return float(value)
+    return check_positive(f"E2E {name}", value)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"E2E {name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return check_choice(f"E2E {name}", value, choices)
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,14 @@ def synthetic_cohort(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

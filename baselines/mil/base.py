@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.errors import ConfigError, DataError
+from bench.checks import check_bool, check_choice, check_int, check_prob  # noqa: F401 (re-exported)
+from bench.errors import DataError
 
 
 @dataclass
@@ -131,28 +132,7 @@ def check_label(label: Any, batch_size: int, n_classes: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_prob(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    return value
+# The checks live in bench.checks (one set for every config) and are re-exported here for the aggregators.
 
 
 # ---------------------------------------------------------------------------

@@ -20,12 +20,8 @@ SMALL = {"hidden_dim": 32}  # tiny models: the loop, not the model, is under tes
 SMALL_FOR = {"transmil": {**SMALL, "n_landmarks": 16}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: small models on 2 cores run faster, and timings do not fight the other tests
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_bag(path: Path, features: np.ndarray, seconds: float | None = None) -> Path:

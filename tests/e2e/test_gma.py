@@ -14,13 +14,8 @@ import torch
 from bench.errors import ConfigError, DataError, TrainingError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the tests compare numbers, and on a shared 2-core machine 2 threads run slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: the tests compare numbers, and on a shared 2-core machine 2 threads run slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- sampling and shares

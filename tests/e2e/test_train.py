@@ -16,12 +16,8 @@ from bench.errors import ConfigError, DataError, TrainingError
 MAIN, CONTEXT, PATCH = 10.0, 5.0, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one torch thread: small models on 2 cores run faster, and timings do not fight the other tests
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
