@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 from bench.errors import ConfigError, DataError, MissingFileError
 from bench.files import atomic_path, write_text_atomic
 from bench.layout import Layout
-from bench.records import PREDICTIONS, RUN_FILE, load_run
+from bench.records import PREDICTIONS, RUN_FILE, format_interval, load_run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -316,10 +316,6 @@ def _shown_dir(path: Path, placeholder: str) -> str:
         return placeholder
 
 
-def _fmt_ci(ci: tuple[float, float, float]) -> str:
-    return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
-
-
 def _fmt_p(p: float) -> str:
     """`p=0.004`, or `p<0.001`."""
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
@@ -390,7 +386,7 @@ def measured_table(rows: list[MethodRow], comparisons: Mapping[str, Comparison],
             out[f"sd {METRIC_LABELS.get(primary, primary)}"] = "—" if sd is None else f"{sd:.3f}"
         for m in metrics:
             ci = row.metric(m)
-            cell = "—" if ci is None else _fmt_ci(ci)
+            cell = "—" if ci is None else format_interval(*ci)
             if ci is not None and m in best_of and round(ci[0], 3) == round(best_of[m], 3):
                 cell = f"**{cell}**"
             out[METRIC_LABELS.get(m, m)] = cell

@@ -252,10 +252,13 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
     return load_run(run_dir)
 
 
+def format_interval(mean: float, low: float, high: float) -> str:
+    """`mean [low, high]` with 3 decimals: how runs, the console and the leaderboards show an interval."""
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def _fmt_ci(ci: Mapping[str, Any] | None) -> str:
-    if not ci:
-        return ""
-    return f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return format_interval(ci["mean"], ci["low"], ci["high"]) if ci else ""
 
 
 def runs_table(records: list[RunRecord]) -> str:
@@ -278,4 +281,4 @@ def runs_table(records: list[RunRecord]) -> str:
 
 
 __all__ = ["RunRecord", "SCHEMA", "PREDICTIONS", "split_tag", "write_run", "load_run", "iter_runs", "is_current",
-           "runs_table"]
+           "runs_table", "format_interval"]

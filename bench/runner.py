@@ -472,11 +472,13 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
 
 
 def _primary_text(record: Any, task: Any) -> str | None:
+    from bench.records import format_interval
+
     metrics = getattr(record, "metrics", None) or {}
     ci = metrics.get(task.primary_metric)
     if not ci:
         return None
-    return f"test {task.primary_metric} {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"test {task.primary_metric} {format_interval(ci['mean'], ci['low'], ci['high'])}"
 
 
 # ----------------------------------------------------------------------------- the suite
