@@ -45,8 +45,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bench.checks import check_choice, check_int
-from bench.errors import BenchError, ConfigError, DataError, MissingFileError
+from bench.checks import check_choice, check_int, check_positive
+from bench.errors import BenchError, ConfigError, DataError
 from bench.training import EpochCallback, FoldBags, TrainResult
 
 JOB_FOLDER = "gma"
@@ -147,9 +147,7 @@ class GMAConfig:
             raise ConfigError(f"GMA recompute and random_init must be true or false, got {self.recompute!r}, "
                               f"{self.random_init!r}")
         for key in ("lr", "timeout_s", "magnification"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"GMA {key} must be a positive number, got {v!r}")
+            check_positive(f"GMA {key}", getattr(self, key))
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
                 or not self.weight_decay >= 0:
             raise ConfigError(f"GMA weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -274,10 +272,10 @@ def open_rank_data(config: GMAConfig, cohort: Any, tiles_dirs: Mapping[float, Pa
     import torch
 
     from e2e.gma_train import RankData
-    from e2e.patches import open_source
+    from e2e.patches import coords_dir, open_source
 
     mag = float(config.magnification)
-    tiles_dir = _tiles_dir(tiles_dirs, mag)
+    tiles_dir = coords_dir(tiles_dirs, mag)
     source = open_source(config.source, cohort, {mag: tiles_dir})
     try:
         counts = {s: int(source.n_patches(s, mag)) for s in dict.fromkeys(slide_ids)}
@@ -319,15 +317,6 @@ def open_rank_data(config: GMAConfig, cohort: Any, tiles_dirs: Mapping[float, Pa
             return cohort.lesion_labels(slide_id, source.coords(slide_id, mag), size0)
 
     return RankData(counts=counts, pixels=pixel_fn, lesions=lesion_fn, transform=on_device), source
-
-
-def _tiles_dir(tiles_dirs: Mapping[float, Path], mag: float) -> Path:
-    for m, d in tiles_dirs.items():
-        if math.isclose(float(m), mag):
-            return Path(d)
-    raise MissingFileError(f"GMA trains at {mag:g}x but no coords were given for it (have "
-                           f"{', '.join(f'{float(m):g}x' for m in tiles_dirs) or 'none'}); run `bench tile` at "
-                           f"{mag:g}x")
 
 
 # ----------------------------------------------------------------------------- train_gma

@@ -26,9 +26,9 @@ def _lesions(cohort: Any, tiles_dirs: Mapping[float, Path], magnification: float
     if not getattr(cohort, "has_masks", False):
         return None
     from bench.tiling import read_coords
-    from e2e.train import _tiles_dir
+    from e2e.patches import coords_dir
 
-    folder = _tiles_dir(tiles_dirs, magnification)
+    folder = coords_dir(tiles_dirs, magnification)
     cache: dict[str, Any] = {}
 
     def labels(slide_id: str) -> Any:

@@ -81,13 +81,20 @@ class PatchSource(Protocol):
     def close(self) -> None: ...
 
 
-def magnification_dir(dirs: Mapping[float, Path], magnification: float, what: str, fix: str) -> Path:
+def magnification_dir(dirs: Mapping[float, Path], magnification: float, what: str, fix: str,
+                      error: type[BenchError] = ConfigError) -> Path:
     """The folder of `dirs` for `magnification` (float keys compared with a tolerance)."""
     for m, d in dirs.items():
         if math.isclose(float(m), float(magnification), rel_tol=1e-6):
             return Path(d)
     have = ", ".join(f"{float(m):g}x" for m in dirs) or "none"
-    raise ConfigError(f"no {what} for {float(magnification):g}x (have {have}); {fix}")
+    raise error(f"no {what} for {float(magnification):g}x (have {have}); {fix}")
+
+
+def coords_dir(tiles_dirs: Mapping[float, Path], magnification: float) -> Path:
+    """The coords folder a trainer reads at `magnification`; a scale nobody tiled is a missing file."""
+    return magnification_dir(tiles_dirs, magnification, "coords folder",
+                             f"run `bench tile --magnification {float(magnification):g}`", MissingFileError)
 
 
 def _check_indices(indices: Sequence[int], n: int, slide_id: str, magnification: float) -> np.ndarray:
@@ -520,5 +527,5 @@ def pack_cohort(cohort: Cohort, tiles_dir: Path, out_dir: Path, *, quality: int 
 
 __all__ = [
     "PatchSource", "LiveSource", "PackedSource", "PackReport", "PackResult", "SOURCE_KINDS", "open_source",
-    "pack_cohort", "pack_slide", "packed_dirs_for", "magnification_dir", "store_config", "store_is_current", "encode_jpeg",
+    "pack_cohort", "pack_slide", "packed_dirs_for", "magnification_dir", "coords_dir", "store_config", "store_is_current", "encode_jpeg",
 ]

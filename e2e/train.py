@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bench.checks import check_choice, check_int, check_positive
-from bench.errors import ConfigError, DataError, MissingFileError
+from bench.errors import ConfigError, DataError
 from bench.training import EpochCallback, FoldBags, TrainResult
 from e2e.inference import encode_slide  # noqa: F401  (public API of this module: the GMA trainer reuses it)
 
@@ -298,28 +298,20 @@ def _select_note(has_val: bool, best_epoch: int | None, epochs_run: int) -> str:
 def _counts(tiles_dirs: Mapping[float, Path], slides: list[str], mags: list[float]) -> dict[str, dict[float, int]]:
     """Patch counts from the coords files (the same for both sources; a stale store is re-packed)."""
     from bench.tiling import read_coords
+    from e2e.patches import coords_dir
 
     out: dict[str, dict[float, int]] = {s: {} for s in slides}
     for m in mags:
-        folder = _tiles_dir(tiles_dirs, m)
+        folder = coords_dir(tiles_dirs, m)
         for s in slides:
             out[s][m] = len(read_coords(folder / f"{s}.h5"))
     return out
 
 
-def _tiles_dir(tiles_dirs: Mapping[float, Path], mag: float) -> Path:
-    for m, d in tiles_dirs.items():
-        if math.isclose(float(m), mag, rel_tol=1e-6):
-            return Path(d)
-    raise MissingFileError(f"E2E samples at {mag:g}x but no coords folder was given for it (have "
-                           f"{', '.join(f'{float(m):g}x' for m in tiles_dirs) or 'none'}); run `bench tile` at "
-                           f"{mag:g}x")
-
-
 def _open(config: E2EConfig, cohort: Cohort, tiles_dirs: Mapping[float, Path],
           packed_dirs: Mapping[float, Path] | None, slides: list[str], mags: list[float]) -> tuple[Any, list]:
     """The patch source; a packed source packs (resumably) what is missing first."""
-    from e2e.patches import magnification_dir, open_source, pack_cohort, packed_dirs_for
+    from e2e.patches import coords_dir, magnification_dir, open_source, pack_cohort, packed_dirs_for
 
     skipped: list[tuple[str, str]] = []
     if config.source == "packed":
@@ -328,7 +320,7 @@ def _open(config: E2EConfig, cohort: Cohort, tiles_dirs: Mapping[float, Path],
         for m in mags:
             out = magnification_dir(packed, m, "packed patch folder",
                                     "pass packed_dirs for every sampling magnification")
-            skipped += pack_cohort(sub, _tiles_dir(tiles_dirs, m), out).skipped
+            skipped += pack_cohort(sub, coords_dir(tiles_dirs, m), out).skipped
         return open_source("packed", cohort, tiles_dirs, packed), skipped
     return open_source("live", cohort, tiles_dirs), skipped
 
