@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from bench.errors import ConfigError, DataError
-from bench.layout import check_name
-from bench.registry import Registry
+from bench.common.errors import ConfigError, DataError
+from bench.data.layout import check_name
+from bench.common.registry import Registry
 
 from baselines.weights import (
     RANDOM_INIT,
@@ -242,7 +242,7 @@ class EncoderSpec:
 
     def _warn_if_normalisation_differs(self, backbone: torch.nn.Module) -> None:
         """The spec's mean/std are what the transform uses; say so when the Hub config disagrees."""
-        from bench.console import warn
+        from bench.common.console import warn
 
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
         for key in ("mean", "std"):

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from bench import __version__
-from bench.console import info, progress
-from bench.costs import PeakMemory, StageTimer, device_name
-from bench.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
-from bench.files import LockHeld, atomic_path, config_hash, file_lock, is_partial
-from bench.slides import LevelChoice, open_slide
-from bench.tiling import Coords, SlideJob, read_coords, read_skip_report, write_skip_report
-from bench.training import autocast, resolve_device
+from bench.common.console import info, progress
+from bench.evaluation.costs import PeakMemory, StageTimer, device_name
+from bench.common.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
+from bench.common.files import LockHeld, atomic_path, config_hash, file_lock, is_partial
+from bench.data.slides import LevelChoice, open_slide
+from bench.data.tiling import Coords, SlideJob, read_coords, read_skip_report, write_skip_report
+from bench.evaluation.training import autocast, resolve_device
 
 from baselines.encoders import EncoderSpec, LoadedEncoder, PatchTransform
 from baselines.features import check_feature_file

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.errors import DataError, MissingFileError
-from bench.files import is_partial
+from bench.common.errors import DataError, MissingFileError
+from bench.common.files import is_partial
 
 
 class SlideFeatures(NamedTuple):

@@ -1,7 +1,7 @@
 """Two-stage training: one MIL aggregator trained on bags of pre-extracted features.
 
 One loop for every registered aggregator (`baselines.mil`) and every task
-(`bench.tasks`); the runner and `bench train` call it once per fold:
+(`bench.evaluation.tasks`); the runner and `bench train` call it once per fold:
 
     >>> config = TwoStageConfig.from_params("abmil", {"epochs": 75, "lr": 2e-4})
     >>> result = train_two_stage(bags, files, config, out_dir)   # doctest: +SKIP
@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from baselines.features import read_features
-from bench.errors import ConfigError, DataError, MissingFileError
-from bench.training import EpochCallback, FoldBags, TrainResult
+from bench.common.errors import ConfigError, DataError, MissingFileError
+from bench.evaluation.training import EpochCallback, FoldBags, TrainResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -172,7 +172,7 @@ class TwoStageConfig:
 
     def result_hash(self, bags: FoldBags, in_dim: int) -> str:
         """Hash of everything the numbers depend on (a checkpoint of another hash is refused)."""
-        from bench.files import config_hash
+        from bench.common.files import config_hash
 
         d = {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY}
         d.update(split=[bags.split_sha256, bags.fold], in_dim=int(in_dim), task=bags.task.to_dict(),
@@ -282,7 +282,7 @@ class TwoStageLoop:
                  device: torch.device, steps_per_epoch: int) -> None:
         import torch
 
-        from bench.training import cosine_schedule, make_optimizer
+        from bench.evaluation.training import cosine_schedule, make_optimizer
 
         self.model, self.task, self.bags, self.device = model, task, bags, device
         self.precision = config.precision if device.type == "cuda" else "fp32"
@@ -297,7 +297,7 @@ class TwoStageLoop:
         """One optimiser step on one bag; returns its loss. `target`: Targets of this bag."""
         import torch
 
-        from bench.training import autocast, check_finite
+        from bench.evaluation.training import autocast, check_finite
 
         x = self.bags.get(bag, self.device)  # (1, N, D)
         label = torch.as_tensor(target.label, device=self.device).long().reshape(1) if self.categorical else None
@@ -330,7 +330,7 @@ class TwoStageLoop:
         """(logits (B, K), attention per bag (N,), seconds of aggregator forward) in eval mode."""
         import torch
 
-        from bench.training import autocast
+        from bench.evaluation.training import autocast
 
         self.model.eval()
         logits, attention, seconds = [], [], 0.0
@@ -361,7 +361,7 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     """Train `config.aggregator` on the feature bags of one fold (see the module docstring).
 
     Args:
-        bags: train/val/test bags with the task fitted on train (`bench.training.fold_bags`).
+        bags: train/val/test bags with the task fitted on train (`bench.evaluation.training.fold_bags`).
         features: slide id -> feature file (ours, CLAM's or TRIDENT's layout).
         out_dir: receives `aggregator.safetensors` (selected weights) and, while training, `checkpoint/`.
         instance_labels: (slide id, coords (N, 2)) -> (N,) 0/1 lesion labels or None; scores attention.
@@ -378,10 +378,11 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     import torch
 
     from baselines.mil import build_aggregator
-    from bench.console import progress
-    from bench.costs import (Costs, count_flops, count_parameters, device_name, peak_memory_mb, reset_peak_memory,
+    from bench.common.console import progress
+    from bench.evaluation.costs import (Costs, count_flops, count_parameters, device_name, peak_memory_mb, reset_peak_memory,
                              software_versions)
-    from bench.training import Checkpoint, ModelSelector, resolve_device, save_safetensors, seed_everything
+    from bench.evaluation.training import (Checkpoint, ModelSelector, epoch_seed, resolve_device, save_safetensors,
+                                           seed_everything)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,7 +437,7 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
         if stopped_early:
             break
         t_epoch = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout of this epoch, whether resumed or not
+        torch.manual_seed(epoch_seed(config.seed, epoch))  # dropout of this epoch, whether resumed or not
         model.train()
         order = task.epoch_indices(train_targets, config.seed + epoch)
         loss_sum = 0.0
@@ -510,10 +511,6 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     return TrainResult(predictions=predictions, history=history, best_epoch=best_epoch, best_value=best_value,
                        weights={"aggregator": weights}, costs=costs.to_dict(), attention=attention_stats,
                        params=config.to_dict(), extra=extra)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
 
 def _validate(loop: TwoStageLoop, frame: pd.DataFrame, targets: Any) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.errors import BenchError, ConfigError, DataError, MissingFileError
-from bench.files import sha256_file
+from bench.common.errors import BenchError, ConfigError, DataError, MissingFileError
+from bench.common.files import sha256_file
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@
    N = 1,000, 10,000 and 50,000 instances of 1024 features, and peak memory:
    the growth of the process's peak RSS over its RSS when the forward starts
    (model and input already allocated, freed heap returned to the OS with
-   malloc_trim), read from VmHWM after resetting it (bench.costs.PeakMemory).
+   malloc_trim), read from VmHWM after resetting it (bench.evaluation.costs.PeakMemory).
    tracemalloc does not see torch's allocations.
 3. ABMILX with the naive A+ (explicit N x N) next to the scalable A+ (SDPA).
    The naive path is skipped where its N x N matrices would not fit in memory.
@@ -74,8 +74,8 @@ def train_throughput(name: str, paths: list[Path], epochs: int, cache: bool, out
 
     from baselines.mil import build_aggregator
     from baselines.train import TwoStageConfig, train_two_stage
-    from bench.tasks import make_task
-    from bench.training import FoldBags, cosine_schedule, make_optimizer
+    from bench.evaluation.tasks import make_task
+    from bench.evaluation.training import FoldBags, cosine_schedule, make_optimizer
 
     ids = [p.stem for p in paths]
     labels = [i % 2 for i in range(len(paths))]
@@ -131,7 +131,7 @@ def infer(name: str, n: int, repeats: int, **params) -> tuple[float, float]:
     import torch
 
     from baselines.mil import build_aggregator
-    from bench.costs import PeakMemory, peak_memory_mb
+    from bench.evaluation.costs import PeakMemory, peak_memory_mb
 
     model = build_aggregator(name, IN_DIM, 2, seed=0, **params).eval()
     x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(n))
@@ -177,7 +177,7 @@ def main() -> None:
 
     import torch
 
-    from bench.costs import device_name
+    from bench.evaluation.costs import device_name
 
     print(f"# bench_aggregators {datetime.date.today()} on {device_name()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average at start {os.getloadavg()[0]:.2f}")

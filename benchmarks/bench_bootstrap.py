@@ -1,7 +1,7 @@
 """Bootstrap benchmark: vectorised AUC and C-index against a plain scikit-learn / scikit-survival loop.
 
 For 1,000 and 10,000 predictions, 1000 resamples are drawn once
-(`bench.metrics.draw_resamples`); then the same resamples are evaluated twice
+(`bench.evaluation.metrics.draw_resamples`); then the same resamples are evaluated twice
 in the same run: (1) the project's vectorised `resample_values` (weights per
 row, no materialised copies) and (2) a plain loop that materialises each
 resample and calls `sklearn.metrics.roc_auc_score` /
@@ -30,7 +30,7 @@ import pandas as pd
 
 
 def _frames(n: int, seed: int) -> dict[str, pd.DataFrame]:
-    from bench.tasks import Targets, make_task
+    from bench.evaluation.tasks import Targets, make_task
 
     rng = np.random.default_rng(seed)
     ids = [f"b{i}" for i in range(n)]
@@ -68,9 +68,9 @@ def main() -> None:
 
     from tabulate import tabulate
 
-    from bench.costs import cpu_model
-    from bench.metrics import bootstrap_metrics, draw_resamples, resample_values
-    from bench.tasks import make_task
+    from bench.evaluation.costs import cpu_model
+    from bench.evaluation.metrics import bootstrap_metrics, draw_resamples, resample_values
+    from bench.evaluation.tasks import make_task
 
     tasks = {"auc": make_task("classification"), "c_index": make_task("survival")}
     rows_out = []

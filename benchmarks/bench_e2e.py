@@ -29,7 +29,7 @@
    GiB at AMP (bf16) for ResNet-50-trunc at 224 px, with and without checkpointing.
    `--fixed-inference` runs the fixed benchmark on the CPU too (minutes on 2 cores).
 
-Data: a synthetic subtyping cohort written by `bench.synthetic` (real pyramidal
+Data: a synthetic subtyping cohort written by `bench.data.synthetic` (real pyramidal
 TIFFs read through OpenSlide), tiled at 10x; encoder resnet18-trunc, random init.
 
 Run: .venv/bin/python benchmarks/bench_e2e.py [--quick] [--input 112 --patch 128] [--samples 32]
@@ -58,12 +58,12 @@ MAG = 10.0
 
 def make_data(work: Path, args: argparse.Namespace):
     """(cohort, coords dir, packed store dir, FoldBags): a synthetic cohort tiled at 10x and packed."""
-    from bench.cohort import load_cohort
-    from bench.layout import Layout
-    from bench.synthetic import SyntheticSpec, make_cohort
-    from bench.tasks import make_task
-    from bench.tiling import TileParams, tile_slides
-    from bench.training import FoldBags
+    from bench.data.cohort import load_cohort
+    from bench.data.layout import Layout
+    from bench.data.synthetic import SyntheticSpec, make_cohort
+    from bench.evaluation.tasks import make_task
+    from bench.data.tiling import TileParams, tile_slides
+    from bench.evaluation.training import FoldBags
     from e2e.patches import pack_cohort
 
     root = make_cohort(SyntheticSpec(kind="subtyping", n_slides=args.slides, width=args.width, height=args.height,
@@ -93,8 +93,8 @@ def bare_loop(args: argparse.Namespace, n_steps: int, device, precision: str):
 
     from baselines.encoders import build_encoder
     from baselines.mil import build_aggregator
-    from bench.training import autocast, cosine_schedule, make_optimizer
-    from e2e.train import encoder_forward
+    from bench.evaluation.training import autocast, cosine_schedule, make_optimizer
+    from e2e.forward import encoder_forward
 
     loaded = build_encoder(ENCODER, random_init=True, seed=0, trainable=True, input_size=args.input)
     encoder = loaded.model.to(device).train()
@@ -198,8 +198,8 @@ def step_peak_mib(encoder, aggregator, n: int, input_size: int, checkpointing: b
     import torch
     import torch.nn.functional as F
 
-    from bench.training import autocast
-    from e2e.train import batchnorm_buffers, encoder_forward
+    from bench.evaluation.training import autocast
+    from e2e.forward import batchnorm_buffers, encoder_forward
 
     x = torch.randn(n, 3, input_size, input_size, device=device)  # (n, 3, S, S)
     if device.type == "cuda":
@@ -322,7 +322,7 @@ def main() -> None:
 
     import torch
 
-    from bench.costs import device_name
+    from bench.evaluation.costs import device_name
 
     if args.threads:
         torch.set_num_threads(args.threads)

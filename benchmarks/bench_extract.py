@@ -31,11 +31,11 @@ import torch
 
 from baselines.encoders import build_encoder
 from baselines.extract import ExtractOptions, SlidePatches, extract_slide
-from bench.costs import cpu_model, device_name
-from bench.slides import open_slide
-from bench.synthetic import SyntheticSpec, plan_cohort, write_slide
-from bench.tiling import SlideJob, TileParams, read_coords, tile_slide
-from bench.training import autocast
+from bench.evaluation.costs import cpu_model, device_name
+from bench.data.slides import open_slide
+from bench.data.synthetic import SyntheticSpec, plan_cohort, write_slide
+from bench.data.tiling import SlideJob, TileParams, read_coords, tile_slide
+from bench.evaluation.training import autocast
 
 
 def make_slide(tmp: Path, width: int, height: int) -> tuple[SlideJob, Path, int]:

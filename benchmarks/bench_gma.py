@@ -10,7 +10,7 @@
    nothing else running; median, slowest rank) / the distributed step time.
 2. **Chunked mode vs plain one-process training as K grows**: time per step and
    peak memory (growth of the process's peak RSS over its RSS before the step,
-   VmHWM reset through bench.costs.PeakMemory) for plain training (activations
+   VmHWM reset through bench.evaluation.costs.PeakMemory) for plain training (activations
    of all K tiles) and chunked mode (chunks of `--chunk`, activations of one
    chunk). Each (mode, K) runs in a fresh process so freed heap of one
    measurement cannot hide the next one's growth. Chunked memory must stay
@@ -72,13 +72,13 @@ def pixel_fn(input_size: int):
 def target():
     import numpy as np
 
-    from bench.tasks import Targets, make_task
+    from bench.evaluation.tasks import Targets, make_task
 
     return make_task("classification", classes=("a", "b")), Targets(label=np.array([1]))
 
 
 def tiles_for(k: int, step: int):
-    from e2e.gma_core import sample_tiles
+    from e2e.gma.core import sample_tiles
 
     return sample_tiles(["s0"], [100_000], k, seed=0, epoch=0, step=step)
 
@@ -97,9 +97,9 @@ def one_process(mode: str, k: int, steps: int, input_size: int, chunk: int, thre
     """Median step time and peak memory growth of plain or chunked training in this process."""
     import torch
 
-    from bench.costs import PeakMemory
-    from bench.training import make_optimizer
-    from e2e.gma_core import AggregatorSide, EncoderSide, LocalTopology, gma_step, load_pixels, set_train_mode
+    from bench.evaluation.costs import PeakMemory
+    from bench.evaluation.training import make_optimizer
+    from e2e.gma.core import AggregatorSide, EncoderSide, LocalTopology, gma_step, load_pixels, set_train_mode
 
     torch.set_num_threads(threads)
     encoder, aggregator, dim, dev = build(input_size, device)
@@ -175,9 +175,9 @@ def worker(k: int, steps: int, input_size: int, out: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bench.training import make_optimizer
-    from e2e.gma_core import AggregatorSide, DistTopology, EncoderSide, gma_step, set_train_mode
-    from e2e.gma_launch import init_distributed
+    from bench.evaluation.training import make_optimizer
+    from e2e.gma.core import AggregatorSide, DistTopology, EncoderSide, gma_step, set_train_mode
+    from e2e.gma.launch import init_distributed
 
     torch.set_num_threads(1)
     device, _ = init_distributed("gloo", 300.0, "cpu")
@@ -278,7 +278,7 @@ def main() -> None:
         return
     if args.quick:
         args.ks, args.dist_ks, args.steps, args.repeats = [16, 32, 64], [16], 2, 1
-    from bench.costs import cpu_model
+    from bench.evaluation.costs import cpu_model
 
     print(f"# bench_gma {datetime.date.today()} on {cpu_model()} ({os.cpu_count()} cores); encoder {ENCODER} "
           f"random init at {args.input} px, GMA aggregator; {args.steps} timed steps, best of {args.repeats}")

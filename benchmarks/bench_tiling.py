@@ -33,7 +33,7 @@ def load_average() -> str:
 
 def big_slide(cache: Path) -> Path:
     """The 40,000 x 30,000 px slide: only the first slide of a seeded plan is written."""
-    from bench.synthetic import SyntheticSpec, plan_cohort, write_slide
+    from bench.data.synthetic import SyntheticSpec, plan_cohort, write_slide
 
     spec = SyntheticSpec(kind="subtyping", n_slides=2, width=40_000, height=30_000, seed=7)
     folder = cache / "tiling-40k"
@@ -46,7 +46,7 @@ def big_slide(cache: Path) -> Path:
 
 
 def bench_tiling(slide_path: Path, repeats: int) -> tuple[Path, int]:
-    from bench.tiling import TileParams, tile_slide, tile_slide_multi
+    from bench.data.tiling import TileParams, tile_slide, tile_slide_multi
 
     out = Path(tempfile.mkdtemp())
     one = TileParams(magnification=20, patch_size=256)
@@ -74,8 +74,8 @@ def bench_tiling(slide_path: Path, repeats: int) -> tuple[Path, int]:
 def bench_reads(slide_path: Path, coords_path: Path, n_patches: int, repeats: int) -> None:
     import openslide
 
-    from bench.slides import open_slide
-    from bench.tiling import read_coords
+    from bench.data.slides import open_slide
+    from bench.data.tiling import read_coords
 
     coords = read_coords(coords_path)
     rng = np.random.default_rng(0)
@@ -112,8 +112,8 @@ def bench_reads(slide_path: Path, coords_path: Path, n_patches: int, repeats: in
 
 
 def bench_demo(repeats: int) -> None:
-    from bench.synthetic import SyntheticSpec, make_cohort
-    from bench.tiling import SlideJob, TileParams, tile_slides_multi
+    from bench.data.synthetic import SyntheticSpec, make_cohort
+    from bench.data.tiling import SlideJob, TileParams, tile_slides_multi
 
     spec = SyntheticSpec(kind="subtyping", n_slides=30, width=2048, height=1536)
     for workers in (1, 2):
@@ -142,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("BENCH_PROGRESS", "0")
 
-    from bench.costs import cpu_model
+    from bench.evaluation.costs import cpu_model
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; load average at start {load_average()}")
     slide_path = big_slide(Path(args.cache))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.errors import DataError, MissingFileError, SlideError
+from bench.common.errors import DataError, MissingFileError, SlideError
 
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

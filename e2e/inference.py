@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.errors import DataError, MissingFileError, SlideError
-from bench.training import autocast
+from bench.common.errors import DataError, MissingFileError, SlideError
+from bench.evaluation.training import autocast
 
+FLOPS_SAMPLES = 512  # the paper's Table 6 counts FLOPs for 512 sampled 224 px patches
 FIXED_PATCHES = 10_000  # the paper's fixed inference benchmark: one slide of 10,000 patches at 224 px
 
 
@@ -81,7 +82,7 @@ def encode_slide(encoder: torch.nn.Module, transform: Any, source: Any, slide_id
 class PartPrediction:
     """Predictions of one part (val or test): the frame covers the bags that could be read."""
 
-    frame: Any  # predictions table (bench.tasks), or None when no bag could be predicted
+    frame: Any  # predictions table (bench.evaluation.tasks), or None when no bag could be predicted
     logits: np.ndarray  # (B, C) of the predicted bags
     positions: list[int]  # rows of the part table that were predicted
     attention: list[np.ndarray]  # (N_b,) per predicted bag
@@ -137,7 +138,7 @@ def step_flops(encoder: torch.nn.Module, aggregator: torch.nn.Module, n_patches:
     Counted on one patch and scaled (the encoder treats patches independently; BatchNorm,
     which couples them, is not counted by the FLOP counter), so it is cheap on CPU.
     """
-    from bench.costs import count_flops
+    from bench.evaluation.costs import count_flops
 
     device = next(encoder.parameters()).device
     per_patch = count_flops(encoder, torch.zeros(1, 3, input_size, input_size, device=device))
@@ -154,7 +155,7 @@ def fixed_inference_benchmark(encoder: torch.nn.Module, aggregator: torch.nn.Mod
     time does not depend on the pixel values; reads are excluded as in the paper), then the
     aggregator runs on the (1, n_patches, D) bag. Best of `repeats`, after one warm-up chunk.
     """
-    from bench.costs import device_name
+    from bench.evaluation.costs import device_name
 
     device = device or next(encoder.parameters()).device
     cuda = device.type == "cuda"

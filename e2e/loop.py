@@ -17,27 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.errors import DataError
-from bench.training import EpochCallback, FoldBags, TrainResult
-
-
-def _lesions(cohort: Any, tiles_dirs: Mapping[float, Path], magnification: float) -> Callable[[str], Any] | None:
-    """slide id -> (N,) lesion labels of its patches at the main scale, or None (no masks)."""
-    if not getattr(cohort, "has_masks", False):
-        return None
-    from bench.tiling import read_coords
-    from e2e.patches import coords_dir
-
-    folder = coords_dir(tiles_dirs, magnification)
-    cache: dict[str, Any] = {}
-
-    def labels(slide_id: str) -> Any:
-        if slide_id not in cache:
-            c = read_coords(folder / f"{slide_id}.h5")
-            cache[slide_id] = cohort.lesion_labels(slide_id, c.coords, c.patch_size_level0)
-        return cache[slide_id]
-
-    return labels
+from bench.common.errors import DataError
+from bench.evaluation.training import EpochCallback, FoldBags, TrainResult
 
 
 def _attention_stats(part: Any, pred: Any, lesions: Callable[[str], Any] | None) -> dict[str, Any]:
@@ -96,15 +77,18 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
                  predict_test: bool, pack_skipped: list, select_note: Any) -> TrainResult:
     from baselines.encoders import build_encoder
     from baselines.mil import build_aggregator
-    from bench.costs import Costs, PeakMemory, count_parameters, device_name
-    from bench.training import (
+    from bench.evaluation.costs import Costs, PeakMemory, count_parameters, device_name
+    from bench.evaluation.training import (
         Checkpoint, ModelSelector, autocast, check_finite, cosine_schedule, make_optimizer, resolve_device,
         save_safetensors, seed_everything,
     )
     from e2e.batches import EpochOrder, StepData, make_loader
     from e2e.inference import predict_part, step_flops
     from e2e.sampling import MRISampler
-    from e2e.train import FLOPS_SAMPLES, batchnorm_buffers, encoder_forward, epoch_seed
+    from bench.evaluation.training import epoch_seed
+    from e2e.forward import batchnorm_buffers, encoder_forward
+    from e2e.inference import FLOPS_SAMPLES
+    from e2e.patches import coords_dir
 
     c = config
     task = bags.task
@@ -136,7 +120,9 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
     data = StepData(source, list(train["bag_id"]), list(train["slide_ids"]), counts, order, sampler,
                     c.slides_per_step, steps_per_epoch, c.epochs, c.input_size, loaded.spec.mean, loaded.spec.std,
                     c.augment, loaded.transform, c.seed)
-    lesions = _lesions(cohort, tiles_dirs, c.magnification)
+    lesions = None  # slide id -> lesion labels of its main-scale patches (synthetic cohorts)
+    if getattr(cohort, "has_masks", False):
+        lesions = cohort.lesion_labeler(coords_dir(tiles_dirs, c.magnification))
 
     # --- optimisation state, resume
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]

@@ -11,7 +11,7 @@ without knowing where the pixels come from:
     >>> source.read("slide-0", 10.0, [3, 17]).shape                    # doctest: +SKIP
     (2, 256, 256, 3)
 
-- `LiveSource` reads every patch through OpenSlide (`bench.slides`), exactly as
+- `LiveSource` reads every patch through OpenSlide (`bench.data.slides`), exactly as
   feature extraction does. Handles are opened lazily, per process, and never
   pickled, so a DataLoader worker opens its own (OpenSlide handles must not
   cross a fork).
@@ -52,11 +52,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bench.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
+from bench.common.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
 
 if TYPE_CHECKING:
-    from bench.cohort import Cohort
-    from bench.tiling import Coords
+    from bench.data.cohort import Cohort
+    from bench.data.tiling import Coords
 
 SOURCE_KINDS = ("live", "packed")
 # "tiles" names the live source too (reads the slide at the tiles' coords); accepted so configs
@@ -166,7 +166,7 @@ class LiveSource:
     def _coords_of(self, slide_id: str, magnification: float) -> Coords:
         key = (slide_id, float(magnification))
         if key not in self._coords:
-            from bench.tiling import read_coords
+            from bench.data.tiling import read_coords
 
             folder = magnification_dir(self.tiles_dirs, magnification, "coords folder",
                              f"run `bench tile --magnification {float(magnification):g}`")
@@ -184,7 +184,7 @@ class LiveSource:
 
     def read(self, slide_id: str, magnification: float, indices: Sequence[int]) -> np.ndarray:
         """(n, P, P, 3) uint8 patches at rows `indices` of the slide's coords."""
-        from bench.slides import open_slide
+        from bench.data.slides import open_slide
 
         coords = self._coords_of(slide_id, magnification)
         idx = _check_indices(indices, len(coords), slide_id, magnification)
@@ -415,8 +415,8 @@ def pack_slide(source: LiveSource, slide_id: str, magnification: float, coords_p
     import h5py
 
     from bench import __version__
-    from bench.files import atomic_path, config_hash, file_lock
-    from bench.tiling import read_coords
+    from bench.common.files import atomic_path, config_hash, file_lock
+    from bench.data.tiling import read_coords
 
     coords = read_coords(coords_path)
     expect = config_hash(store_config(coords, quality))
@@ -463,7 +463,7 @@ def pack_slide(source: LiveSource, slide_id: str, magnification: float, coords_p
 
 
 def _remove_partials(out_path: Path) -> None:
-    from bench.files import is_partial
+    from bench.common.files import is_partial
 
     for p in out_path.parent.glob(f".{out_path.name}*"):
         if is_partial(p):
@@ -480,9 +480,9 @@ def pack_cohort(cohort: Cohort, tiles_dir: Path, out_dir: Path, *, quality: int 
     has no coords, or is locked by another process is skipped, listed in
     `out_dir/skipped.csv`, and the others go on.
     """
-    from bench.console import progress
-    from bench.files import LockHeld
-    from bench.tiling import read_coords, write_skip_report
+    from bench.common.console import progress
+    from bench.common.files import LockHeld
+    from bench.data.tiling import read_coords, write_skip_report
 
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ConfigError(f"JPEG quality must be an integer in 1..100, got {quality!r}")

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bench.errors import ConfigError, DataError
+from bench.common.errors import ConfigError, DataError
 
 _RATIO_TOLERANCE = 1e-6
 

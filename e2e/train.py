@@ -7,7 +7,7 @@
 One step: for each of `slides_per_step` training bags, `samples` patches drawn by
 MRIS (`e2e.sampling`) are read (`e2e.patches`), augmented and resized to one input
 size (`e2e.batches`, in DataLoader workers), encoded, aggregated over the bag, and
-scored by the shared task head and loss (`bench.tasks`); the losses of the step's
+scored by the shared task head and loss (`bench.evaluation.tasks`); the losses of the step's
 bags are averaged (gradients accumulated bag by bag, so BatchNorm sees one bag's
 sample at a time) and encoder and aggregator take one optimiser step. After each
 epoch every validation bag is predicted from all its patches at the main scale
@@ -40,17 +40,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from bench.checks import check_choice, check_int, check_positive
-from bench.errors import ConfigError, DataError
-from bench.training import EpochCallback, FoldBags, TrainResult
-from e2e.inference import encode_slide  # noqa: F401  (public API of this module: the GMA trainer reuses it)
+from bench.common.checks import check_choice, check_int, check_positive
+from bench.common.errors import ConfigError, DataError
+from bench.evaluation.training import EpochCallback, FoldBags, TrainResult
 
 if TYPE_CHECKING:
-    import torch
-
-    from bench.cohort import Cohort
+    from bench.data.cohort import Cohort
 
 PARAM_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "samples", "slides_per_step", "augment", "precision",
               "checkpointing", "workers", "source", "infer_chunk", "patience", "fixed_benchmark")
@@ -58,7 +53,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # fields that change how a run executes but not its numbers: a checkpoint survives a change of them
 _RUN_ONLY = ("workers", "infer_chunk", "device", "fixed_benchmark")
-FLOPS_SAMPLES = 512  # the paper's Table 6 counts FLOPs for 512 sampled 224 px patches
 
 
 def _int(name: str, value: Any, minimum: int = 1) -> int:
@@ -205,79 +199,12 @@ class E2EConfig:
 
     def result_hash(self, bags: FoldBags | None = None) -> str:
         """Hash of everything the numbers depend on, split file and fold included (checkpoints check it)."""
-        from bench.files import config_hash
+        from bench.common.files import config_hash
 
         d = {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY}
         if bags is not None:
             d["split"] = [bags.split_sha256, bags.fold]
         return config_hash(d)
-
-
-# ----------------------------------------------------------------------------- encoder forward
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
-
-
-def checkpoint_segments(encoder: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """The pieces activation checkpointing cuts a ResNet `PatchEncoder` into: the stem, then every
-    residual block of the remaining stages (None for other encoders)."""
-    import torch
-
-    backbone = getattr(encoder, "backbone", None)
-    names = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    if backbone is None or getattr(encoder, "pooling", None) != "avg" or not all(hasattr(backbone, n) for n in names):
-        return None
-    segments: list[torch.nn.Module] = [torch.nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1,
-                                                           backbone.maxpool)]
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(backbone, stage)
-        if not isinstance(layer, torch.nn.Identity):  # truncated stages are identities
-            segments.extend(layer.children() if isinstance(layer, torch.nn.Sequential) else [layer])
-    return segments
-
-
-def encoder_forward(encoder: torch.nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """(n, 3, S, S) -> (n, D), with activation checkpointing when asked.
-
-    ResNets are checkpointed at the stem and every block over the whole sample (the
-    stem's 112 px maps are the largest activations); other timm encoders use timm's own
-    `set_grad_checkpointing`. The numbers are those of `encoder(x)`.
-    """
-    if not checkpointing or not torch_grad_enabled():
-        return encoder(x)
-    from torch.utils.checkpoint import checkpoint
-
-    segments = checkpoint_segments(encoder)
-    if segments is None:
-        backbone = getattr(encoder, "backbone", None)
-        if backbone is None or not hasattr(backbone, "set_grad_checkpointing"):
-            raise ConfigError(f"encoder {getattr(encoder, 'encoder_name', '?')!r} does not support activation "
-                              "checkpointing; set checkpointing = false")
-        backbone.set_grad_checkpointing(True)
-        return encoder(x)
-    h = x
-    for seg in segments:
-        h = checkpoint(seg, h, use_reentrant=False)  # keeps only the segment's input
-    return h.mean(dim=(2, 3))  # (n, C, h, w) -> (n, C): the encoder's "avg" pooling
-
-
-def torch_grad_enabled() -> bool:
-    import torch
-
-    return torch.is_grad_enabled()
-
-
-def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Running-statistics buffers of every BatchNorm in `module`."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    out = []
-    for m in module.modules():
-        if isinstance(m, _BatchNorm) and m.track_running_stats:
-            out.extend(b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None)
-    return out
 
 
 # ----------------------------------------------------------------------------- train_e2e
@@ -297,7 +224,7 @@ def _select_note(has_val: bool, best_epoch: int | None, epochs_run: int) -> str:
 
 def _counts(tiles_dirs: Mapping[float, Path], slides: list[str], mags: list[float]) -> dict[str, dict[float, int]]:
     """Patch counts from the coords files (the same for both sources; a stale store is re-packed)."""
-    from bench.tiling import read_coords
+    from bench.data.tiling import read_coords
     from e2e.patches import coords_dir
 
     out: dict[str, dict[float, int]] = {s: {} for s in slides}
@@ -375,5 +302,4 @@ def train_e2e(bags: FoldBags, cohort: Cohort, tiles_dirs: Mapping[float, Path], 
         source.close()
 
 
-__all__ = ["E2EConfig", "train_e2e", "encode_slide", "encoder_forward", "checkpoint_segments", "batchnorm_buffers",
-           "PARAM_KEYS", "epoch_seed"]
+__all__ = ["E2EConfig", "train_e2e", "PARAM_KEYS"]

@@ -30,7 +30,7 @@ def synthetic_cohort(tmp_path_factory):
     Usage: `root = synthetic_cohort("subtyping", n_slides=6)` -> folder with labels.csv, slides/, masks/.
     Treat the folder as read-only; copy it to modify it.
     """
-    from bench.synthetic import SyntheticSpec, make_cohort
+    from bench.data.synthetic import SyntheticSpec, make_cohort
 
     made: dict[tuple, object] = {}
 

@@ -33,8 +33,8 @@ from baselines.mil.dsmil import DSMIL
 from baselines.mil.gma import GMA
 from baselines.mil.pooling import MaxPoolMIL, MeanPoolMIL
 from baselines.mil.transmil import TransMIL
-from bench.errors import ConfigError
-from bench.registry import Registry
+from bench.common.errors import ConfigError
+from bench.common.registry import Registry
 
 __all__ = [
     "AGGREGATORS",

@@ -57,7 +57,7 @@ from baselines.mil.base import (
     masked_softmax,
     xavier_init,
 )
-from bench.errors import ConfigError
+from bench.common.errors import ConfigError
 
 ATTN_PLUS_IMPLS = ("sdpa", "naive")
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from bench.errors import DataError
+from bench.common.errors import DataError
 
 
 def _as_numpy(values: Any, dtype: Any = np.float64) -> np.ndarray:

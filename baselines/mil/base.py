@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.checks import check_bool, check_choice, check_int, check_prob  # noqa: F401 (re-exported)
-from bench.errors import DataError
+from bench.common.checks import check_bool, check_choice, check_int, check_prob  # noqa: F401 (re-exported)
+from bench.common.errors import DataError
 
 
 @dataclass
@@ -132,7 +132,7 @@ def check_label(label: Any, batch_size: int, n_classes: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-# The checks live in bench.checks (one set for every config) and are re-exported here for the aggregators.
+# The checks live in bench.common.checks (one set for every config) and are re-exported here for the aggregators.
 
 
 # ---------------------------------------------------------------------------

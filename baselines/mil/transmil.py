@@ -31,7 +31,7 @@ from torch import nn
 
 from baselines.mil.base import MILAggregator, MILOutput, check_int, check_prob, input_projection
 from baselines.mil.nystrom import NystromAttention
-from bench.errors import ConfigError
+from bench.common.errors import ConfigError
 
 
 class TransLayer(nn.Module):

@@ -27,8 +27,8 @@ from baselines.encoders import (
     spec_from_config,
 )
 from baselines.weights import RANDOM_INIT, WeightsUnavailable, load_state_dict_file, random_source
-from bench.errors import ConfigError
-from bench.files import sha256_file
+from bench.common.errors import ConfigError
+from bench.common.files import sha256_file
 
 TINY_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2,
                      no_embed_class=True, num_classes=0)

@@ -25,11 +25,11 @@ from baselines import extract as extract_mod
 from baselines.encoders import build_encoder
 from baselines.extract import ExtractOptions, extract_cohort, pending_slides, read_skip_report
 from baselines.features import list_features, read_features
-from bench.cli import main as bench_main
-from bench.errors import ConfigError
-from bench.files import file_lock, is_partial
-from bench.slides import open_slide
-from bench.tiling import SlideJob, TileParams, read_coords, tile_slides, write_coords
+from bench.cli.main import main as bench_main
+from bench.common.errors import ConfigError
+from bench.common.files import file_lock, is_partial
+from bench.data.slides import open_slide
+from bench.data.tiling import SlideJob, TileParams, read_coords, tile_slides, write_coords
 
 MAG, PX = 20, 64
 
@@ -201,7 +201,7 @@ import time
 from pathlib import Path
 from baselines.encoders import build_encoder
 from baselines.extract import ExtractOptions, extract_cohort
-from bench.tiling import SlideJob
+from bench.data.tiling import SlideJob
 slides, tiles, out = map(Path, sys.argv[1:4])
 jobs = [SlideJob(p.stem, p) for p in sorted(slides.glob("*.tif"))]
 enc = build_encoder("resnet18-trunc", random_init=True, seed=0, input_size=32)

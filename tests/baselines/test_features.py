@@ -15,7 +15,7 @@ from baselines.features import (
     read_features,
     validate_features_dir,
 )
-from bench.errors import DataError, MissingFileError
+from bench.common.errors import DataError, MissingFileError
 
 
 def bag(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

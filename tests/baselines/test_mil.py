@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from baselines.mil import AGGREGATORS, MILAggregator, build_aggregator
-from bench.costs import count_parameters
-from bench.errors import ConfigError, DataError
+from bench.evaluation.costs import count_parameters
+from bench.common.errors import ConfigError, DataError
 
 IN_DIM = 12
 SMALL = {"hidden_dim": 16}  # every aggregator takes hidden_dim; 16 keeps the suite fast
@@ -259,7 +259,7 @@ def test_gma_has_the_gma_paper_sizes():
 
 
 def test_cli_table_lists_every_aggregator_with_its_parameter_count(capsys):
-    from bench.commands import aggregators as verb
+    from bench.cli.commands import aggregators as verb
 
     parser = argparse.ArgumentParser()
     verb.add_arguments(parser)

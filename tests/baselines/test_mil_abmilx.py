@@ -10,7 +10,7 @@ import torch
 
 from baselines.mil import build_aggregator
 from baselines.mil.abmilx import attention_plus
-from bench.costs import PeakMemory, peak_memory_mb
+from bench.evaluation.costs import PeakMemory, peak_memory_mb
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from baselines.mil.attention_stats import attention_auc, max_n, sparsity, summarize_attention
-from bench.errors import DataError
+from bench.common.errors import DataError
 
 
 def pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.errors import ConfigError, DataError, TrainingError
+from bench.common.errors import ConfigError, DataError, TrainingError
 
 DIM = 16
 SMALL = {"hidden_dim": 32}  # tiny models: the loop, not the model, is under test
@@ -61,8 +61,8 @@ class Data:
 
 def classification_fold(data: Data, n: dict[str, list[int]], task=None):
     """FoldBags with `n[part]` = labels of its bags, one slide per bag."""
-    from bench.tasks import make_task
-    from bench.training import FoldBags
+    from bench.evaluation.tasks import make_task
+    from bench.evaluation.training import FoldBags
 
     task = task or make_task("classification", classes=("neg", "pos"))
     parts = {}
@@ -113,7 +113,7 @@ def test_abmil_learns_a_planted_signal_and_its_attention_finds_the_lesions(tmp_p
 @pytest.mark.parametrize("name", __import__("baselines.mil", fromlist=["AGGREGATORS"]).AGGREGATORS.names())
 def test_every_aggregator_trains_and_its_saved_weights_reproduce_the_test_predictions(name, tmp_path):
     from baselines.mil import build_aggregator
-    from bench.training import load_safetensors
+    from bench.evaluation.training import load_safetensors
 
     data = Data(tmp_path / "f", seed=1)
     bags = classification_fold(data, {"train": labels(3, 3), "val": labels(2, 2), "test": labels(2, 2)})
@@ -197,8 +197,8 @@ def test_without_validation_bags_the_last_epoch_is_kept(tmp_path):
 
 def test_survival_patient_bags_concatenate_their_slides(tmp_path):
     from baselines.train import BagFeatures
-    from bench.tasks import make_task
-    from bench.training import FoldBags
+    from bench.evaluation.tasks import make_task
+    from bench.evaluation.training import FoldBags
 
     data = Data(tmp_path / "f", seed=5)
     rng = np.random.default_rng(0)
@@ -231,7 +231,7 @@ def test_survival_patient_bags_concatenate_their_slides(tmp_path):
 
 def test_an_epoch_visits_the_training_bags_in_the_order_of_task_epoch_indices(tmp_path, monkeypatch):
     import baselines.train as mod
-    from bench.tasks import make_task
+    from bench.evaluation.tasks import make_task
 
     data = Data(tmp_path / "f", seed=6)
     task = make_task("classification", classes=("neg", "pos"), oversample_ratio=2.0)
@@ -277,7 +277,7 @@ def test_bad_bags_are_refused_with_the_slide_named(tmp_path):
 
 
 def test_a_label_outside_the_classes_is_a_data_error(tmp_path):
-    from bench.training import FoldBags
+    from bench.evaluation.training import FoldBags
 
     data = Data(tmp_path / "f", seed=10)
     bags = classification_fold(data, {"train": labels(3, 3), "val": labels(1, 1), "test": labels(1, 1)})
@@ -290,7 +290,7 @@ def test_a_label_outside_the_classes_is_a_data_error(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_with_its_epoch(tmp_path, monkeypatch):
-    from bench.tasks import ClassificationTask
+    from bench.evaluation.tasks import ClassificationTask
 
     data = Data(tmp_path / "f", seed=11)
     bags = classification_fold(data, {"train": labels(3, 3), "val": labels(1, 1), "test": labels(1, 1)})
@@ -311,7 +311,7 @@ def test_a_nan_loss_stops_the_run_with_its_epoch(tmp_path, monkeypatch):
 
 
 def test_resume_after_an_interruption_gives_the_weights_of_an_uninterrupted_run(tmp_path):
-    from bench.training import load_safetensors
+    from bench.evaluation.training import load_safetensors
 
     data = Data(tmp_path / "f", seed=12)
     bags = classification_fold(data, {"train": labels(3, 3), "val": labels(2, 2), "test": labels(2, 2)})

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.cohort import load_cohort
-from bench.errors import ConfigError, DataError, MissingFileError
+from bench.data.cohort import load_cohort
+from bench.common.errors import ConfigError, DataError, MissingFileError
 
 
 def make_folder(root: Path, header: str, rows: list[str], files: list[str] | None = None,

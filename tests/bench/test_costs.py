@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.costs import (
+from bench.evaluation.costs import (
     Costs,
     PeakMemory,
     StageTimer,
@@ -21,7 +21,7 @@ from bench.costs import (
     peak_memory_mb,
     software_versions,
 )
-from bench.errors import DataError
+from bench.common.errors import DataError
 
 
 def test_stage_timer_accumulates_per_stage_and_counts_failed_blocks():

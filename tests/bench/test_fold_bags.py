@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.cohort import load_cohort
-from bench.errors import DataError
-from bench.splits import SplitSpec, write_splits
-from bench.tasks import make_task
-from bench.tiling import TileParams, read_coords, tile_slide
-from bench.training import fold_bags
+from bench.data.cohort import load_cohort
+from bench.common.errors import DataError
+from bench.data.splits import SplitSpec, write_splits
+from bench.evaluation.tasks import make_task
+from bench.data.tiling import TileParams, read_coords, tile_slide
+from bench.evaluation.training import fold_bags
 
 
 def test_survival_bags_are_patients_and_bins_come_from_train_only(synthetic_cohort, tmp_path):

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.cli import main
-from bench.layout import Layout
-from bench.leaderboard import NOT_SIGNIFICANT, SYNTHETIC_NOTE, build_leaderboard, load_reported, pareto_front
-from bench.records import load_run, split_tag, write_run
-from bench.tasks import make_task
-from bench.training import TrainResult
+from bench.cli.main import main
+from bench.data.layout import Layout
+from bench.evaluation.leaderboard import NOT_SIGNIFICANT, SYNTHETIC_NOTE, build_leaderboard, load_reported, pareto_front
+from bench.evaluation.records import load_run, split_tag, write_run
+from bench.evaluation.tasks import make_task
+from bench.evaluation.training import TrainResult
 
 N_BOOT = 200
 CI = re.compile(r"\d\.\d+ \[\d\.\d+, \d\.\d+\]")
@@ -214,7 +214,8 @@ def test_survival_several_splits_km_plot_and_reported_by_data_name(tmp_path):
         _record(work, "survival", "tcga-brca-surv", task, "e2e/r18/abmilx", _survival(seed=seed, noise=0.3), seed=seed)
         _record(work, "survival", "tcga-brca-surv", task, "two-stage/r18/abmil", _survival(seed=seed, noise=3.0),
                 seed=seed, infer=0.3)
-    text = build_leaderboard(work, "survival", tmp_path / "out", reported="abmilx").read_text()
+    text = build_leaderboard(work, "survival", tmp_path / "out", reported="abmilx",
+                             data_names={"tcga-brca-surv": "TCGA-BRCA"}).read_text()
     section = _section(text, "## tcga-brca-surv")
     measured, reported = section.split("#### Reported in the ABMILX paper")
     rows = _table_rows(measured)
@@ -323,8 +324,8 @@ def test_split_file_tie_goes_to_latest_record_and_advice_follows_the_file_on_dis
 
 
 def test_split_files_rule():
-    from bench.leaderboard import split_files
-    from bench.records import RunRecord
+    from bench.evaluation.leaderboard import split_files
+    from bench.evaluation.records import RunRecord
 
     def rec(sha, ended, tag="holdout-seed0-fold0"):
         return RunRecord(Path("x"), {"split": {"tag": tag, "sha256": sha}, "ended": ended})
@@ -387,7 +388,7 @@ def test_only_unreadable_records_is_an_error_that_names_them(tmp_path):
     run_dir = Layout(tmp_path).run_dir("train", "demo", "two-stage/r18/abmil", "holdout-seed0-fold0")
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text("not json")
-    from bench.errors import MissingFileError
+    from bench.common.errors import MissingFileError
 
     with pytest.raises(MissingFileError, match=r"1 unreadable; runs/train/demo/two-stage/r18/abmil/"
                                                r"holdout-seed0-fold0/run.json: run record cannot be read"):

@@ -11,15 +11,15 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored
 
-from bench.errors import ConfigError, DataError
-from bench.metrics import (
+from bench.common.errors import ConfigError, DataError
+from bench.evaluation.metrics import (
     bootstrap_metrics,
     draw_resamples,
     paired_bootstrap,
     point_values,
     resample_values,
 )
-from bench.tasks import Targets, make_task
+from bench.evaluation.tasks import Targets, make_task
 
 
 def _classification_frame(n: int, k: int, seed: int, slides_per_patient: int = 1, signal: float = 1.0) -> pd.DataFrame:

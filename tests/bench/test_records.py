@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from bench.cli import main
-from bench.records import is_current, iter_runs, load_run, split_tag, write_run
-from bench.tasks import make_task
-from bench.training import TrainResult
+from bench.cli.main import main
+from bench.evaluation.records import is_current, iter_runs, load_run, split_tag, write_run
+from bench.evaluation.tasks import make_task
+from bench.evaluation.training import TrainResult
 
 SPLIT = {"path": "splits/mini/holdout-seed0.csv", "sha256": "ab" * 32, "protocol": "holdout", "seed": 0, "fold": 0}
 
@@ -78,7 +78,7 @@ def test_failed_record_keeps_the_error_drops_stale_predictions_and_is_never_curr
 
 
 def test_ok_without_test_predictions_is_refused(tmp_path):
-    from bench.errors import DataError
+    from bench.common.errors import DataError
 
     with pytest.raises(DataError, match="no test predictions"):
         _write(tmp_path / "run", TrainResult(predictions={"val": _predictions()}))

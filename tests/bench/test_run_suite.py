@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import RunOptions, run_suite
-from bench.suite import load_suite
+from bench.orchestration.runner import RunOptions, run_suite
+from bench.orchestration.suite import load_suite
 
 TINY = """
 name = "tiny"
@@ -116,7 +116,7 @@ def test_suite_runs_end_to_end_then_reuses_everything(tiny):
 def test_failing_method_is_recorded_and_others_go_on(tiny, monkeypatch):
     root, path = tiny
     suite = load_suite(path).select(methods=["two-stage/*"])
-    import bench.runner as runner
+    import bench.orchestration.runner as runner
 
     real = runner.train_method
 
@@ -137,7 +137,7 @@ def test_failing_method_is_recorded_and_others_go_on(tiny, monkeypatch):
 def test_interrupted_run_resumes_without_redoing_finished_methods(tiny, monkeypatch):
     root, path = tiny
     suite = load_suite(path).select(methods=["two-stage/*"])
-    import bench.runner as runner
+    import bench.orchestration.runner as runner
 
     real = runner.train_method
     calls: list[str] = []
@@ -158,8 +158,9 @@ def test_interrupted_run_resumes_without_redoing_finished_methods(tiny, monkeypa
 
 
 def test_sweep_resumes_records_failures_and_feeds_run_params_best(tiny):
-    from bench.layout import Layout
-    from bench.sweep import read_best, run_sweep
+    from bench.data.layout import Layout
+    from bench.evaluation.sweeps import read_best
+    from bench.orchestration.sweep import run_sweep
 
     root, path = tiny
     suite = load_suite(path)

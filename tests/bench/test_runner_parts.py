@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from bench.errors import ConfigError, DataError, MissingFileError
-from bench.layout import Layout
-from bench.runner import cohort_folder, make_task_for, method_settings, split_params, tilings_needed
-from bench.suite import load_suite, parse_suite
-from bench.sweep import _redact, _val_value, read_best, summarize_study, sweep_dir
+from bench.common.errors import ConfigError, DataError, MissingFileError
+from bench.data.layout import Layout
+from bench.orchestration.runner import cohort_folder, make_task_for, method_settings, split_params, tilings_needed
+from bench.orchestration.suite import load_suite, parse_suite
+from bench.evaluation.sweeps import read_best, sweep_dir
+from bench.orchestration.sweep import _redact, _val_value, summarize_study
 
 
 def test_wrong_data_root_is_an_error_never_synthetic(tmp_path):
@@ -52,7 +52,7 @@ def test_parameters_layer_defaults_method_and_sweep():
 
 
 def test_task_of_a_dataset(synthetic_cohort):
-    from bench.cohort import load_cohort
+    from bench.data.cohort import load_cohort
 
     suite = load_suite("subtyping", demo=True)
     cohort = load_cohort(synthetic_cohort("subtyping", n_slides=6))
@@ -64,7 +64,7 @@ def test_task_of_a_dataset(synthetic_cohort):
 def _train_args(**kw):
     import argparse
 
-    from bench.commands import train
+    from bench.cli.commands import train
 
     p = argparse.ArgumentParser()
     train.add_arguments(p)
@@ -75,7 +75,7 @@ def _train_args(**kw):
 
 
 def test_bench_train_builds_a_valid_suite():
-    from bench.commands.train import build_suite_dict
+    from bench.cli.commands.train import build_suite_dict
 
     args = _train_args(paradigm="e2e", epochs=3, param=["patience=4"], aggregator_param=["dropout=0.1"],
                        scales=["10:0.75", "5:0.25"], oversample=2)
@@ -138,7 +138,7 @@ def test_study_summary_counts_states_and_best(tmp_path):
 _WORKER = """
 import sys, time
 import optuna
-from bench.sweep import open_study
+from bench.orchestration.sweep import open_study
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = open_study(sys.argv[1], "shared", seed=int(sys.argv[2]))
 def objective(trial):
@@ -172,8 +172,8 @@ def test_two_sweeps_writing_to_one_sqlite_study_at_once_keep_every_trial(tmp_pat
 
 def test_synthetic_cohort_of_a_dataset_with_its_own_labels_file_name(tmp_path):
     # the survival suite reads survival.csv from real data; the demo cohort the harness writes has labels.csv
-    from bench.costs import StageTimer
-    from bench.runner import RunOptions, prepare_dataset
+    from bench.evaluation.costs import StageTimer
+    from bench.orchestration.runner import RunOptions, prepare_dataset
 
     suite = parse_suite({
         "name": "s", "seeds": [0],

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.errors import ConfigError, MissingFileError, SlideError
-from bench.slides import Slide, mpp_from_properties, open_slide, rgba_to_rgb
-from bench.synthetic import write_pyramidal_tiff
+from bench.common.errors import ConfigError, MissingFileError, SlideError
+from bench.data.slides import Slide, mpp_from_properties, open_slide, rgba_to_rgb
+from bench.data.synthetic import write_pyramidal_tiff
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_rgba_to_rgb_composites_on_white():
 def test_rgba_to_rgb_array_fast_path_equals_compositing():
     from PIL import Image
 
-    from bench.slides import rgba_to_rgb_array
+    from bench.data.slides import rgba_to_rgb_array
 
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, size=(5, 7, 4), dtype=np.uint8)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.cohort import Cohort, load_cohort
-from bench.errors import ConfigError, DataError, MissingFileError
-from bench.splits import SplitSpec, load_splits, make_splits, to_csv_text, write_splits
+from bench.cli.main import main
+from bench.data.cohort import Cohort, load_cohort
+from bench.common.errors import ConfigError, DataError, MissingFileError
+from bench.data.splits import SplitSpec, load_splits, make_splits, to_csv_text, write_splits
 
 B_PATIENTS = {0, 5, 10, 15, 17, 19}  # 6 of 20 patients are class B
 TWO_SLIDES = {3, 8, 12, 17}  # patients with two slides: they must never be split

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.errors import ConfigError, MissingFileError
-from bench.suite import builtin_suites, load_suite, parse_suite
+from bench.common.errors import ConfigError, MissingFileError
+from bench.orchestration.suite import builtin_suites, load_suite, parse_suite
 
 MINIMAL = """
 name = "mini"

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.errors import ConfigError
-from bench.slides import open_slide
-from bench.synthetic import SyntheticSpec, load_mask, make_cohort, mask_fraction, plan_cohort
-from bench.tiling import TileParams, read_coords, tile_slide
+from bench.common.errors import ConfigError
+from bench.data.slides import open_slide
+from bench.data.synthetic import SyntheticSpec, load_mask, make_cohort, mask_fraction, plan_cohort
+from bench.data.tiling import TileParams, read_coords, tile_slide
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -135,7 +135,7 @@ def test_rendered_tiles_are_pinned(kind, seed):
     import hashlib
     import math
 
-    from bench.synthetic import TileRenderer, _block_mean, make_maps
+    from bench.data.synthetic import TileRenderer, _block_mean, make_maps
 
     spec = SyntheticSpec(kind=kind, n_slides=3, width=768, height=600, seed=seed)
     plans, _ = plan_cohort(spec)
@@ -154,7 +154,7 @@ def test_rendered_tiles_are_pinned(kind, seed):
 def test_fast_texture_and_block_mean_equal_the_plain_formulas():
     from scipy import ndimage
 
-    from bench.synthetic import TILE, TileRenderer, _block_mean, make_maps
+    from bench.data.synthetic import TILE, TileRenderer, _block_mean, make_maps
 
     spec = SyntheticSpec(kind="subtyping", n_slides=2, width=1000, height=700, seed=4)
     plan = plan_cohort(spec)[0][0]

@@ -10,8 +10,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa
 from sklearn.utils.class_weight import compute_class_weight
 from sksurv.metrics import concordance_index_censored
 
-from bench.errors import ConfigError, DataError
-from bench.tasks import (
+from bench.common.errors import ConfigError, DataError
+from bench.evaluation.tasks import (
     TASKS,
     Targets,
     balanced_class_weights,

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.errors import ConfigError, DataError
-from bench.synthetic import load_mask, write_pyramidal_tiff
-from bench.tiling import (
+from bench.common.errors import ConfigError, DataError
+from bench.data.synthetic import load_mask, write_pyramidal_tiff
+from bench.data.tiling import (
     SlideJob,
     TileParams,
     otsu_threshold,
@@ -159,7 +159,7 @@ def test_coords_without_attrs_is_refused(tmp_path):
 def test_square_closing_and_opening_equal_scipy(size):
     from scipy import ndimage
 
-    from bench.tiling import binary_closing_square, binary_opening_square
+    from bench.data.tiling import binary_closing_square, binary_opening_square
 
     rng = np.random.default_rng(size)
     for trial in range(40):
@@ -175,7 +175,7 @@ def test_square_closing_and_opening_equal_scipy(size):
 def test_cross_erosion_equals_scipy():
     from scipy import ndimage
 
-    from bench.tiling import erode_cross
+    from bench.data.tiling import erode_cross
 
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -189,7 +189,7 @@ def _reference_tissue_mask(thumb, ds, mpp, params):
     from PIL import Image, ImageFilter
     from scipy import ndimage
 
-    from bench.tiling import _drop_small
+    from bench.data.tiling import _drop_small
 
     sat = np.asarray(Image.fromarray(thumb).convert("HSV").getchannel("S").filter(
         ImageFilter.MedianFilter(params.median_size | 1)))
@@ -203,8 +203,8 @@ def _reference_tissue_mask(thumb, ds, mpp, params):
 
 
 def test_tissue_mask_equals_scipy_reference(synthetic_cohort):
-    from bench.slides import open_slide
-    from bench.tiling import TissueParams, tissue_mask
+    from bench.data.slides import open_slide
+    from bench.data.tiling import TissueParams, tissue_mask
 
     root = synthetic_cohort("subtyping", n_slides=6)
     settings = [TissueParams(), TissueParams(min_hole_area_um2=60_000, close_size=7, open_size=5),
@@ -228,8 +228,8 @@ def test_tissue_mask_equals_scipy_reference(synthetic_cohort):
 
 
 def test_multi_target_tiling_equals_one_target_at_a_time(synthetic_cohort, tmp_path, monkeypatch):
-    from bench.slides import Slide
-    from bench.tiling import tile_slides_multi
+    from bench.data.slides import Slide
+    from bench.data.tiling import tile_slides_multi
 
     root = synthetic_cohort("subtyping", n_slides=6)
     jobs = [SlideJob(f"S000{i}", root / "slides" / f"S000{i}.tif") for i in range(3)]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from bench.errors import ConfigError, DataError, TrainingError
-from bench.training import (
+from bench.common.errors import ConfigError, DataError, TrainingError
+from bench.evaluation.training import (
     Checkpoint,
     ModelSelector,
     check_finite,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.errors import ConfigError, DataError, TrainingError
+from bench.common.errors import ConfigError, DataError, TrainingError
 
 
 # one torch thread: the tests compare numbers, and on a shared 2-core machine 2 threads run slower
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_share_bounds_are_contiguous_and_differ_by_at_most_one():
-    from e2e.gma_core import share_bounds
+    from e2e.gma.core import share_bounds
 
     assert share_bounds(7, 2).tolist() == [0, 4, 7]
     assert share_bounds(7, 3).tolist() == [0, 3, 5, 7]
@@ -33,7 +33,7 @@ def test_share_bounds_are_contiguous_and_differ_by_at_most_one():
 
 
 def test_allocate_spreads_k_over_slides_in_proportion():
-    from e2e.gma_core import allocate
+    from e2e.gma.core import allocate
 
     assert allocate([10, 30], 8).tolist() == [2, 6]
     assert allocate([5], 7).tolist() == [7]
@@ -44,7 +44,7 @@ def test_allocate_spreads_k_over_slides_in_proportion():
 
 
 def test_sample_tiles_is_reproducible_and_replaces_only_short_slides():
-    from e2e.gma_core import sample_tiles
+    from e2e.gma.core import sample_tiles
 
     a = sample_tiles(["s"], [20], 8, seed=3, epoch=1, step=2)
     b = sample_tiles(["s"], [20], 8, seed=3, epoch=1, step=2)
@@ -58,7 +58,7 @@ def test_sample_tiles_is_reproducible_and_replaces_only_short_slides():
 
 
 def test_load_pixels_keeps_tile_order_across_slides_and_repeats():
-    from e2e.gma_core import Tiles, load_pixels
+    from e2e.gma.core import Tiles, load_pixels
 
     data = {"a": torch.arange(5.0), "b": 100 + torch.arange(5.0)}
     calls = []
@@ -77,7 +77,7 @@ def test_load_pixels_keeps_tile_order_across_slides_and_repeats():
 
 
 def test_chunked_step_equals_one_process_training_in_float64():
-    from e2e.gma_check import CheckProblem, max_relative, run_chunked, run_reference
+    from e2e.gma.check import CheckProblem, max_relative, run_chunked, run_reference
 
     for bn in ("none", "frozen"):
         problem = CheckProblem(batchnorm=bn, steps=3)
@@ -91,15 +91,15 @@ def test_chunked_step_equals_one_process_training_in_float64():
 
 def test_plain_batchnorm_breaks_the_equivalence():
     """Batch statistics over a chunk differ from those over all K tiles (the README's point)."""
-    from e2e.gma_check import CheckProblem, max_relative, run_chunked, run_reference
+    from e2e.gma.check import CheckProblem, max_relative, run_chunked, run_reference
 
     problem = CheckProblem(batchnorm="plain", steps=2)
     assert max_relative(run_chunked(problem), run_reference(problem), "grad") > 1e-4
 
 
 def test_chunked_recompute_uses_chunks_of_the_configured_size():
-    from e2e.gma_check import CheckProblem, toy_encoder, toy_pixels
-    from e2e.gma_core import EncoderSide, sample_tiles
+    from e2e.gma.check import CheckProblem, toy_encoder, toy_pixels
+    from e2e.gma.core import EncoderSide, sample_tiles
 
     problem = CheckProblem(chunk=3)
     sizes = []
@@ -116,7 +116,7 @@ def test_chunked_recompute_uses_chunks_of_the_configured_size():
 
 
 def test_check_ranks_refuses_differing_feature_sizes_and_configs():
-    from e2e.gma_core import check_ranks
+    from e2e.gma.core import check_ranks
 
     ok = [{"rank": r, "feature_dim": 256, "config_hash": "h"} for r in range(3)]
     check_ranks(ok)
@@ -132,7 +132,7 @@ def _clear_torchrun_env(monkeypatch):
 
 
 def test_rank_entry_point_refuses_to_start_without_rendezvous(tmp_path, monkeypatch, capsys):
-    from e2e.gma import main
+    from e2e.gma.entry import main
 
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"kind": "check", "out": str(tmp_path)}))
@@ -152,13 +152,13 @@ def test_rank_entry_point_refuses_to_start_without_rendezvous(tmp_path, monkeypa
 
 
 def _tiling(mag=10.0, ps=64, size=32):
-    from bench.suite import Tiling
+    from bench.data.tiling import Tiling
 
     return Tiling(magnification=mag, patch_size=ps, input_size=size)
 
 
 def test_config_from_params_and_validation():
-    from e2e.gma import GMAConfig
+    from e2e.gma.config import GMAConfig
 
     c = GMAConfig.from_params("resnet18-trunc", "gma", {"tiles": 24, "nproc": 3, "epochs": 2}, tiling=_tiling())
     assert (c.tiles, c.nproc, c.mode, c.magnification, c.input_size) == (24, 3, "distributed", 10.0, 32)
@@ -182,7 +182,7 @@ def test_config_from_params_and_validation():
 
 
 def test_result_hash_ignores_run_only_settings():
-    from e2e.gma import GMAConfig
+    from e2e.gma.config import GMAConfig
 
     c = GMAConfig(encoder="resnet18-trunc")
     assert c.result_hash() == replace(c, timeout_s=5.0, workers=2, device="cpu").result_hash()
@@ -193,8 +193,8 @@ def test_result_hash_ignores_run_only_settings():
 
 
 def _bags(task_kind: str):
-    from bench.tasks import make_task
-    from bench.training import FoldBags
+    from bench.evaluation.tasks import make_task
+    from bench.evaluation.training import FoldBags
 
     if task_kind == "survival":
         task = make_task("survival").fit(make_task("survival").targets_from_frame(
@@ -213,7 +213,7 @@ def _bags(task_kind: str):
 
 @pytest.mark.parametrize("kind", ["classification", "survival"])
 def test_bags_round_trip_through_the_job_file(kind):
-    from e2e.gma import bags_from_dict, bags_to_dict
+    from e2e.gma.config import bags_from_dict, bags_to_dict
 
     bags = _bags(kind)
     back = bags_from_dict(json.loads(json.dumps(bags_to_dict(bags))))
@@ -244,8 +244,8 @@ Root Cause (first observed failure):
 
 
 def test_job_error_names_the_root_cause_first(tmp_path):
-    from bench.files import write_json_atomic
-    from e2e.gma_launch import job_error
+    from bench.common.files import write_json_atomic
+    from e2e.gma.launch import job_error
 
     # a rank killed by SIGKILL; rank 1 saw the closed connection
     write_json_atomic(tmp_path / "errors" / "rank1.json", {
@@ -265,8 +265,8 @@ def test_job_error_names_the_root_cause_first(tmp_path):
 def test_read_ahead_reads_the_next_share_in_the_background_with_the_same_features():
     import threading
 
-    from e2e.gma_check import CheckProblem, toy_encoder, toy_pixels
-    from e2e.gma_core import EncoderSide, sample_tiles
+    from e2e.gma.check import CheckProblem, toy_encoder, toy_pixels
+    from e2e.gma.core import EncoderSide, sample_tiles
 
     problem = CheckProblem()
     base = toy_pixels(problem)
@@ -292,8 +292,8 @@ def test_read_ahead_reads_the_next_share_in_the_background_with_the_same_feature
 
 def test_job_cohort_paths_are_absolute_so_ranks_load_it_from_any_folder(synthetic_cohort, tmp_path, monkeypatch):
     # `bench run` with its default relative workdir: the ranks must not join the root twice
-    from bench.cohort import load_cohort
-    from e2e.gma import cohort_from_dict, cohort_to_dict
+    from bench.data.cohort import load_cohort
+    from e2e.gma.config import cohort_from_dict, cohort_to_dict
 
     root = synthetic_cohort("subtyping", n_slides=6)
     monkeypatch.chdir(root.parent)

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from bench.errors import ConfigError, TrainingError
+from bench.common.errors import ConfigError, TrainingError
 
 
 def test_bench_check_gma_passes_for_1_plus_2_processes_in_float64(capsys):
     """The paper's check: one process vs 1+2 gloo processes vs chunked; K=7 gives shares of 4 and 3."""
-    from bench.cli import main
+    from bench.cli.main import main
 
     code = main(["check-gma", "--nproc", "3", "--dtype", "float64", "--timeout", "60"])
     out = capsys.readouterr().out
@@ -29,7 +29,7 @@ def test_bench_check_gma_passes_for_1_plus_2_processes_in_float64(capsys):
 
 
 def test_a_killed_encoder_rank_ends_the_job_with_a_clear_error_within_the_timeout():
-    from e2e.gma_check import CheckProblem, check_gma
+    from e2e.gma.check import CheckProblem, check_gma
 
     start = time.monotonic()
     with pytest.raises(TrainingError) as info:
@@ -41,7 +41,7 @@ def test_a_killed_encoder_rank_ends_the_job_with_a_clear_error_within_the_timeou
 
 
 def test_a_hung_encoder_rank_makes_the_others_fail_after_the_timeout():
-    from e2e.gma_check import CheckProblem, check_gma
+    from e2e.gma.check import CheckProblem, check_gma
 
     start = time.monotonic()
     with pytest.raises(TrainingError) as info:
@@ -55,7 +55,7 @@ def test_a_hung_encoder_rank_makes_the_others_fail_after_the_timeout():
 
 
 def test_a_rank_with_another_feature_size_is_refused_before_training():
-    from e2e.gma_check import check_gma
+    from e2e.gma.check import check_gma
 
     with pytest.raises(ConfigError, match=r"feature size differs between ranks.*rank 2 produces 13"):
         check_gma((3,), ("float64",), recompute=False, timeout_s=30,
@@ -65,9 +65,9 @@ def test_a_rank_with_another_feature_size_is_refused_before_training():
 @pytest.mark.slow
 def test_the_parent_stops_a_job_whose_ranks_all_hang_outside_any_collective(tmp_path):
     """No rank waits in a collective, so no collective timeout fires: the parent's watchdog must."""
-    from bench.files import config_hash
-    from e2e.gma_check import CheckProblem
-    from e2e.gma_launch import run_job
+    from bench.common.files import config_hash
+    from e2e.gma.check import CheckProblem
+    from e2e.gma.launch import run_job
 
     problem = CheckProblem()
     job = {"kind": "check", "problem": problem.to_dict(), "problem_hash": config_hash(problem.to_dict()),

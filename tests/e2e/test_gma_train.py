@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import DataError, TrainingError
+from bench.common.errors import DataError, TrainingError
 
 pytest.importorskip("e2e.patches", reason="GMA reads patches through e2e.patches")
 
@@ -25,11 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def fold(synthetic_cohort, tmp_path_factory):
     """(cohort, {mag: coords dir}, FoldBags) of a 10-slide subtyping cohort tiled at 10x / 64 px."""
-    from bench.cohort import load_cohort
-    from bench.splits import SplitSpec, write_splits
-    from bench.tasks import make_task
-    from bench.tiling import TileParams, tile_slides
-    from bench.training import fold_bags
+    from bench.data.cohort import load_cohort
+    from bench.data.splits import SplitSpec, write_splits
+    from bench.evaluation.tasks import make_task
+    from bench.data.tiling import TileParams, tile_slides
+    from bench.evaluation.training import fold_bags
 
     cohort = load_cohort(synthetic_cohort("subtyping", n_slides=10, width=1024, height=768))
     work = tmp_path_factory.mktemp("gma-fold")
@@ -41,7 +41,7 @@ def fold(synthetic_cohort, tmp_path_factory):
 
 
 def config(**kw):
-    from e2e.gma import GMAConfig
+    from e2e.gma.config import GMAConfig
 
     base = dict(encoder="resnet18-trunc", random_init=True, epochs=2, tiles=8, nproc=3, chunk=8, lr=1e-3,
                 magnification=MAG, patch_size=PATCH, input_size=32, precision="fp32", timeout_s=60.0, device="cpu")
@@ -49,14 +49,14 @@ def config(**kw):
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    from bench.training import load_safetensors
+    from bench.evaluation.training import load_safetensors
 
     return {f"{side}.{k}": v for side in ("encoder", "aggregator")
             for k, v in load_safetensors(out / f"{side}.safetensors")[0].items()}
 
 
 def test_distributed_training_from_pixels_records_metrics_and_per_rank_costs_and_equals_chunked(fold, tmp_path):
-    from e2e.gma import train_gma
+    from e2e.gma.trainer import train_gma
 
     cohort, tiles, bags = fold
     logged = []
@@ -92,7 +92,7 @@ def test_distributed_training_from_pixels_records_metrics_and_per_rank_costs_and
 
 
 def test_chunked_resume_gives_the_weights_of_an_uninterrupted_run(fold, tmp_path):
-    from e2e.gma import train_gma
+    from e2e.gma.trainer import train_gma
 
     cohort, tiles, bags = fold
     c = config(mode="chunked", tiles=6)
@@ -108,8 +108,8 @@ def test_chunked_resume_gives_the_weights_of_an_uninterrupted_run(fold, tmp_path
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(fold, tmp_path):
-    from bench.errors import ConfigError
-    from e2e.gma import train_gma
+    from bench.common.errors import ConfigError
+    from e2e.gma.trainer import train_gma
 
     cohort, tiles, bags = fold
     c = config(mode="chunked", epochs=1, tiles=4)
@@ -119,8 +119,8 @@ def test_a_checkpoint_of_another_configuration_is_refused(fold, tmp_path):
 
 
 def test_a_slide_without_patches_is_refused_before_any_process_starts(fold, tmp_path):
-    from bench.tiling import read_coords, write_coords
-    from e2e.gma import train_gma
+    from bench.data.tiling import read_coords, write_coords
+    from e2e.gma.trainer import train_gma
 
     cohort, tiles, bags = fold
     bad_tiles = tmp_path / "tiles"
@@ -136,7 +136,7 @@ def test_a_slide_without_patches_is_refused_before_any_process_starts(fold, tmp_
 
 @pytest.mark.slow
 def test_distributed_resume_after_a_killed_rank_equals_an_uninterrupted_run(fold, tmp_path):
-    from e2e.gma import train_gma
+    from e2e.gma.trainer import train_gma
 
     cohort, tiles, bags = fold
     c = config()
@@ -152,12 +152,12 @@ def test_distributed_resume_after_a_killed_rank_equals_an_uninterrupted_run(fold
 @pytest.mark.slow
 def test_distributed_survival_on_patient_bags(synthetic_cohort, tmp_path):
     """Survival bags are patients with several slides: K tiles spread over them; C-index recorded."""
-    from bench.cohort import load_cohort
-    from bench.splits import SplitSpec, write_splits
-    from bench.tasks import make_task
-    from bench.tiling import TileParams, tile_slides
-    from bench.training import fold_bags
-    from e2e.gma import train_gma
+    from bench.data.cohort import load_cohort
+    from bench.data.splits import SplitSpec, write_splits
+    from bench.evaluation.tasks import make_task
+    from bench.data.tiling import TileParams, tile_slides
+    from bench.evaluation.training import fold_bags
+    from e2e.gma.trainer import train_gma
 
     cohort = load_cohort(synthetic_cohort("survival", n_slides=14, width=768, height=512))
     tile_slides(cohort.slide_jobs(), tmp_path / "tiles", TileParams(magnification=MAG, patch_size=PATCH), qc=False)
@@ -170,8 +170,8 @@ def test_distributed_survival_on_patient_bags(synthetic_cohort, tmp_path):
 
 def test_a_hand_written_config_becomes_the_same_job_as_train_gma_writes(fold, tmp_path):
     """`torchrun ... -m e2e.gma --config gma.toml` (multi-node runs) builds its job from cohort + split + params."""
-    from bench.errors import ConfigError
-    from e2e.gma import _job_from_config
+    from bench.common.errors import ConfigError
+    from e2e.gma.config import job_from_config
 
     cohort, tiles, bags = fold
     toml = tmp_path / "gma.toml"
@@ -189,10 +189,10 @@ tiles = 8
 nproc = 3
 epochs = 2
 ''')
-    job = _job_from_config(toml)
+    job = job_from_config(toml)
     assert job["kind"] == "train" and job["config"]["tiles"] == 8 and job["config"]["nproc"] == 3
     assert job["bags"]["parts"]["test"]["bag_id"] == list(bags.parts["test"]["bag_id"])
     assert job["tiles_dirs"] == {str(MAG): str(tiles[MAG])}
     toml.write_text(toml.read_text().replace("encoder =", "encoders ="))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['encoders'\].*missing key\(s\) \['encoder'\]"):
-        _job_from_config(toml)
+        job_from_config(toml)

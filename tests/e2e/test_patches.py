@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.errors import ConfigError, DataError, MissingFileError, SlideError
+from bench.common.errors import ConfigError, DataError, MissingFileError, SlideError
 
 MAG, PATCH = 10.0, 64
 
@@ -17,9 +17,9 @@ MAG, PATCH = 10.0, 64
 @pytest.fixture(scope="module")
 def tiled(synthetic_cohort, tmp_path_factory):
     """(cohort of 4 slides, work folder, coords dir, packed dir) tiled at 10x / 64 px and packed."""
-    from bench.cohort import load_cohort
-    from bench.layout import Layout
-    from bench.tiling import TileParams, tile_slides
+    from bench.data.cohort import load_cohort
+    from bench.data.layout import Layout
+    from bench.data.tiling import TileParams, tile_slides
     from e2e.patches import pack_cohort
 
     cohort = load_cohort(synthetic_cohort("subtyping", n_slides=10, width=1024, height=768))
@@ -99,7 +99,7 @@ def test_reads_in_dataloader_workers_match_the_main_process(tiled):
 def test_pack_is_resumable_forced_and_redone_when_the_coords_change(tiled, tmp_path):
     from dataclasses import replace
 
-    from bench.tiling import TileParams, read_coords, tile_slides, write_coords
+    from bench.data.tiling import TileParams, read_coords, tile_slides, write_coords
     from e2e.patches import pack_cohort
 
     cohort, _, tiles, _ = tiled
@@ -131,8 +131,8 @@ def test_pack_is_resumable_forced_and_redone_when_the_coords_change(tiled, tmp_p
 
 
 def test_unreadable_slide_is_a_slide_error_and_pack_skips_and_reports_it(tiled, tmp_path):
-    from bench.cohort import load_cohort
-    from bench.tiling import read_skip_report
+    from bench.data.cohort import load_cohort
+    from bench.data.tiling import read_skip_report
     from e2e.patches import LiveSource, pack_cohort
 
     cohort, _, tiles, _ = tiled
@@ -205,9 +205,9 @@ def test_bad_requests_are_named(tiled, tmp_path):
 
 def test_bench_pack_packs_a_tiled_cohort_resumably_and_names_bench_tile_when_untiled(synthetic_cohort, tmp_path,
                                                                                       capsys):
-    from bench.cli import main
-    from bench.cohort import load_cohort
-    from bench.layout import Layout
+    from bench.cli.main import main
+    from bench.data.cohort import load_cohort
+    from bench.data.layout import Layout
     from e2e.patches import LiveSource, PackedSource
 
     root = synthetic_cohort("subtyping", n_slides=10, width=1024, height=768)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.errors import ConfigError, DataError
+from bench.common.errors import ConfigError, DataError
 from e2e.sampling import MRISampler, draw, scale_counts, split_by_slide
 
 

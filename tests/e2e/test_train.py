@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import ConfigError, DataError, TrainingError
+from bench.common.errors import ConfigError, DataError, TrainingError
 
 MAIN, CONTEXT, PATCH = 10.0, 5.0, 64
 
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def fold(synthetic_cohort, tmp_path_factory):
     """(cohort, {mag: coords dir}, FoldBags) of a 10-slide subtyping cohort tiled at 10x and 5x, 64 px."""
-    from bench.cohort import load_cohort
-    from bench.layout import Layout
-    from bench.splits import SplitSpec, write_splits
-    from bench.tasks import make_task
-    from bench.tiling import TileParams, tile_slides_multi
-    from bench.training import fold_bags
+    from bench.data.cohort import load_cohort
+    from bench.data.layout import Layout
+    from bench.data.splits import SplitSpec, write_splits
+    from bench.evaluation.tasks import make_task
+    from bench.data.tiling import TileParams, tile_slides_multi
+    from bench.evaluation.training import fold_bags
 
     cohort = load_cohort(synthetic_cohort("subtyping", n_slides=10, width=1024, height=768))
     layout = Layout(tmp_path_factory.mktemp("e2e-work"))
@@ -50,7 +50,7 @@ def config(**kw):
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    from bench.training import load_safetensors
+    from bench.evaluation.training import load_safetensors
 
     return {f"{side}.{k}": v for side in ("encoder", "aggregator")
             for k, v in load_safetensors(out / f"{side}.safetensors")[0].items()}
@@ -115,11 +115,11 @@ def test_training_loss_goes_down(fold, tmp_path):
 def tumour_fold(synthetic_cohort, tmp_path_factory):
     """An easy binary cohort: benign (ISUP 0, no lesion) vs high-grade (ISUP 4-5) slides of a synthetic
     grading cohort, tiled at 10x / 64 px, split 50/30/20 (15 / 9 / 6 slides)."""
-    from bench.cohort import load_cohort
-    from bench.splits import SplitSpec, write_splits
-    from bench.tasks import make_task
-    from bench.tiling import TileParams, tile_slides
-    from bench.training import fold_bags
+    from bench.data.cohort import load_cohort
+    from bench.data.splits import SplitSpec, write_splits
+    from bench.evaluation.tasks import make_task
+    from bench.data.tiling import TileParams, tile_slides
+    from bench.evaluation.training import fold_bags
 
     full = load_cohort(synthetic_cohort("grading", n_slides=60, width=1024, height=768))
     cohort = full.subset([s for s, g in zip(full.table["slide_id"], full.table["label"]) if g == 0 or g >= 4])
@@ -223,7 +223,7 @@ def test_augmentation_is_geometric_only_with_crops_of_a_quarter_to_the_whole_pat
 def test_chunked_inference_equals_one_shot(fold):
     from baselines.encoders import build_encoder
     from e2e.patches import LiveSource
-    from e2e.train import encode_slide
+    from e2e.inference import encode_slide
 
     cohort, tiles, _ = fold
     enc = build_encoder("resnet18-trunc", random_init=True, seed=1, trainable=True, input_size=32)
@@ -259,7 +259,7 @@ def test_fixed_inference_benchmark_times_one_slide_of_n_patches():
 
 def test_activation_checkpointing_gives_the_same_outputs_gradients_and_batchnorm_statistics():
     from baselines.encoders import build_encoder
-    from e2e.train import batchnorm_buffers, checkpoint_segments, encoder_forward
+    from e2e.forward import batchnorm_buffers, checkpoint_segments, encoder_forward
 
     x = torch.randn(6, 3, 32, 32)
     runs = []
@@ -283,7 +283,7 @@ def test_activation_checkpointing_gives_the_same_outputs_gradients_and_batchnorm
 
 
 def test_a_slide_unreadable_mid_run_is_skipped_for_its_steps_counted_and_reported(fold, tmp_path):
-    from bench.cohort import load_cohort
+    from bench.data.cohort import load_cohort
     from e2e.train import train_e2e
 
     cohort, tiles, bags = fold
@@ -395,7 +395,7 @@ def test_packed_source_is_packed_on_first_use_and_trains_and_a_corrupted_entry_i
 
 
 def test_config_from_suite_params_and_bad_values():
-    from bench.suite import Tiling
+    from bench.data.tiling import Tiling
     from e2e.train import E2EConfig
 
     tiling = Tiling(magnification=10, patch_size=256, input_size=224, scales=((5.0, 0.25), (10.0, 0.75)))
@@ -419,8 +419,8 @@ def test_config_from_suite_params_and_bad_values():
 
 
 def test_training_bag_without_patches_and_missing_scale_are_refused_before_training(fold, tmp_path):
-    from bench.errors import MissingFileError
-    from bench.tiling import read_coords, write_coords
+    from bench.common.errors import MissingFileError
+    from bench.data.tiling import read_coords, write_coords
     from e2e.train import train_e2e
 
     cohort, tiles, bags = fold
