@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 RUN_FILE = "run.json"
+# a failed rerun of a finished run: written beside run.json, which keeps the finished result
+FAILED_FILE = "run-failed.json"
 PREDICTIONS = {"test": "predictions.csv", "val": "predictions-val.csv"}
 STATUSES = ("ok", "failed")
 
@@ -77,6 +79,11 @@ class RunRecord:
 
     run_dir: Path
     data: Mapping[str, Any]
+    name: str = RUN_FILE  # run.json, or run-failed.json for a failed rerun kept beside a finished record
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.name
 
     @property
     def status(self) -> str:
@@ -125,10 +132,10 @@ class RunRecord:
         return pd.read_csv(path, dtype={"bag_id": str, "patient_id": str})
 
 
-def load_run(run_dir: str | Path) -> RunRecord:
-    """Read `run_dir/run.json`; a missing or damaged file is an error naming it."""
+def load_run(run_dir: str | Path, name: str = RUN_FILE) -> RunRecord:
+    """Read `run_dir/run.json` (or `name`, e.g. FAILED_FILE); a missing or damaged file is an error naming it."""
     run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
+    path = run_dir / name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -138,13 +145,14 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise DataError(f"run record {path} is not a schema-{SCHEMA} record (schema "
                         f"{data.get('schema') if isinstance(data, dict) else None!r}); rerun it with --force")
-    return RunRecord(run_dir, data)
+    return RunRecord(run_dir, data, name)
 
 
-def iter_runs(workdir: str | Path, suite: str | None = None) -> list[RunRecord]:
+def iter_runs(workdir: str | Path, suite: str | None = None, *, failed_reruns: bool = False) -> list[RunRecord]:
     """Every readable record under `workdir/runs[/suite]`, sorted by suite, dataset, method, split.
 
     Damaged records are left out with a warning (they are rerun by the next `bench run`).
+    `failed_reruns` adds the failed reruns kept beside finished records (`run-failed.json`).
     """
     from bench.common.console import warn
 
@@ -152,12 +160,13 @@ def iter_runs(workdir: str | Path, suite: str | None = None) -> list[RunRecord]:
     if not root.is_dir():
         return []
     records = []
-    for path in sorted(root.rglob(RUN_FILE)):
+    names = (RUN_FILE, FAILED_FILE) if failed_reruns else (RUN_FILE,)
+    for path in sorted(p for name in names for p in root.rglob(name)):
         try:
-            records.append(load_run(path.parent))
+            records.append(load_run(path.parent, path.name))
         except (DataError, MissingFileError) as exc:
             warn(str(exc))
-    records.sort(key=lambda r: (str(r.data.get("suite")), r.dataset, r.method, r.split))
+    records.sort(key=lambda r: (str(r.data.get("suite")), r.dataset, r.method, r.split, not r.ok))
     return records
 
 
@@ -212,6 +221,9 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A finished result is replaced only by a newer finished result: a failing rerun (a typo in a
+    # parameter, a crash) is recorded beside it and leaves run.json, predictions and weights as they were.
+    keep_finished = status == "failed" and _finished(run_dir)
     metrics: dict[str, Any] = {}
     n_test = 0
     if status == "ok":
@@ -222,7 +234,7 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
         metrics = {m: ci.to_dict() for m, ci in
                    bootstrap_metrics(task, test, n_resamples=n_bootstrap, seed=bootstrap_seed).items()}
     # predictions first, the record last: a record never points at missing files
-    for part, name in PREDICTIONS.items():
+    for part, name in ({} if keep_finished else PREDICTIONS).items():
         frame = result.predictions.get(part) if result is not None else None
         path = run_dir / name
         if frame is not None and status == "ok":
@@ -242,14 +254,30 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
                 "best_value": getattr(result, "best_value", None)},
         "costs": costs, "attention": dict(result.attention) if result is not None else {},
         "history": list(result.history) if result is not None else [],
-        "weights": {k: Path(v).name for k, v in (result.weights.items() if result is not None else ())},
+        "weights": {k: Path(v).name for k, v in (result.weights.items() if result is not None and not keep_finished
+                                                 else ())},
         "n_test": n_test, "bootstrap": {"n_resamples": int(n_bootstrap), "seed": int(bootstrap_seed)},
         "versions": software_versions(), "device": costs.get("device"), "host": _host(),
         "synthetic": bool(synthetic), "command": command,
         "extra": {**dict(extra or {}), **(dict(result.extra) if result is not None else {})},
     }
+    if keep_finished:
+        data["extra"]["kept_finished_record"] = RUN_FILE
+        write_json_atomic(run_dir / FAILED_FILE, _jsonable(data))
+        return load_run(run_dir, FAILED_FILE)
     write_json_atomic(run_dir / RUN_FILE, _jsonable(data))
+    if status == "ok":
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an older failed rerun is superseded
     return load_run(run_dir)
+
+
+def _finished(run_dir: Path) -> bool:
+    """True when `run_dir` holds an ok record whose test predictions exist."""
+    try:
+        record = load_run(run_dir)
+    except (DataError, MissingFileError):
+        return False
+    return record.ok and (run_dir / PREDICTIONS["test"]).is_file()
 
 
 def format_interval(mean: float, low: float, high: float) -> str:
@@ -280,5 +308,5 @@ def runs_table(records: list[RunRecord]) -> str:
                                    "train s", "infer s/slide", "ended"], tablefmt="github")
 
 
-__all__ = ["RunRecord", "SCHEMA", "PREDICTIONS", "split_tag", "write_run", "load_run", "iter_runs", "is_current",
+__all__ = ["RunRecord", "SCHEMA", "PREDICTIONS", "RUN_FILE", "FAILED_FILE", "split_tag", "write_run", "load_run", "iter_runs", "is_current",
            "runs_table", "format_interval"]

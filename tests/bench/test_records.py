@@ -67,14 +67,35 @@ def test_ok_record_evaluates_test_predictions_and_reads_back(tmp_path):
     assert is_current(tmp_path / "run", "h1") and not is_current(tmp_path / "run", "h2")
 
 
-def test_failed_record_keeps_the_error_drops_stale_predictions_and_is_never_current(tmp_path):
-    _write(tmp_path / "run", TrainResult(predictions={"test": _predictions()}))
-    assert (tmp_path / "run" / "predictions.csv").exists()
+def test_failed_record_keeps_the_error_and_is_never_current(tmp_path):
     record = _write(tmp_path / "run", None, status="failed", error="TrainingError: loss became nan")
     assert record.status == "failed" and record.metrics == {}
     assert record.data["error"] == "TrainingError: loss became nan"
-    assert not (tmp_path / "run" / "predictions.csv").exists()
+    assert (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "predictions.csv").exists()
     assert not is_current(tmp_path / "run", "h1")
+
+
+def test_a_failed_rerun_never_replaces_a_finished_result(tmp_path, capsys):
+    run = tmp_path / "work" / "runs" / "tiny" / "mini" / "two-stage" / "resnet18-trunc" / "abmil" / "holdout-seed0-fold0"
+    _write(run, TrainResult(predictions={"test": _predictions(), "val": _predictions(20, seed=1)}))
+    (run / "aggregator.safetensors").write_bytes(b"weights")
+    before = {name: (run / name).read_bytes() for name in ("run.json", "predictions.csv", "predictions-val.csv")}
+    failed = _write(run, None, status="failed", error="ConfigError: unknown parameter 'patienc'", chash="h2")
+    assert failed.status == "failed" and failed.run_dir == run
+    assert {name: (run / name).read_bytes() for name in before} == before  # the finished result is untouched
+    assert (run / "aggregator.safetensors").read_bytes() == b"weights"
+    assert json.loads((run / "run-failed.json").read_text())["error"].startswith("ConfigError: unknown parameter")
+    assert load_run(run).ok and is_current(run, "h1")
+    # `bench runs` shows the finished record and the failed rerun beside it; the leaderboard reads only the first
+    assert [r.status for r in iter_runs(tmp_path / "work", "tiny", failed_reruns=True)] == ["ok", "failed"]
+    assert [r.status for r in iter_runs(tmp_path / "work", "tiny")] == ["ok"]
+    assert main(["runs", "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+    assert "auc 0." in out and "unknown parameter 'patienc'" in out
+    # a newer finished result replaces the old one and clears the failed rerun
+    _write(run, TrainResult(predictions={"test": _predictions(seed=5)}), chash="h3")
+    assert is_current(run, "h3") and not (run / "run-failed.json").exists()
+    assert not (run / "predictions-val.csv").exists()  # no stale validation predictions of the older run
 
 
 def test_ok_without_test_predictions_is_refused(tmp_path):

@@ -118,6 +118,7 @@ def test_failing_method_is_recorded_and_others_go_on(tiny, monkeypatch):
     suite = load_suite(path).select(methods=["two-stage/*"])
     import bench.orchestration.runner as runner
 
+    run_suite(suite, _options(root))  # both methods finished (cached after the first test)
     real = runner.train_method
 
     def flaky(prep, method, *args, **kwargs):
@@ -129,8 +130,11 @@ def test_failing_method_is_recorded_and_others_go_on(tiny, monkeypatch):
     report = run_suite(suite, _options(root, force=True))
     status = {o.method: o.status for o in report.outcomes}
     assert status == {"two-stage/resnet18-trunc/abmil": "ok", "two-stage/resnet18-trunc/mean": "failed"}
-    failed = json.loads((report.failed[0].run_dir / "run.json").read_text())
+    failed = json.loads(report.failed[0].record.read_text())
     assert failed["status"] == "failed" and "planted bug" in failed["error"]
+    # the mean method had finished: its finished record stays, the failure sits beside it
+    assert report.failed[0].record.name == "run-failed.json"
+    assert json.loads((report.failed[0].run_dir / "run.json").read_text())["status"] == "ok"
     assert "traceback" in failed["extra"]  # a bug (not bad input) keeps its traceback
 
 
@@ -148,6 +152,11 @@ def test_interrupted_run_resumes_without_redoing_finished_methods(tiny, monkeypa
             raise KeyboardInterrupt
         return real(prep, method, *args, **kwargs)
 
+    import shutil
+
+    # mean has no record yet (an earlier test may have left one): the interrupted run must not finish it
+    for folder in (root / "work" / "runs").rglob("mean"):
+        shutil.rmtree(folder)
     monkeypatch.setattr(runner, "train_method", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, _options(root, force=True))

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.data.layout import Layout
     from bench.evaluation.records import iter_runs, runs_table
 
-    records = iter_runs(Path(args.workdir), args.suite)
+    records = iter_runs(Path(args.workdir), args.suite, failed_reruns=True)
     if not records:
         root = Layout(Path(args.workdir)).runs_root(args.suite)
         raise MissingFileError(f"no run records under {root}; run `bench run --suite NAME --workdir {args.workdir}` "
