@@ -63,6 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a write that did not go through atomic_path: still one line, no traceback
+        from bench.common.errors import WriteError
+        from bench.common.files import write_errno
+
+        if write_errno(exc) is None:
+            raise
+        print(f"error: {WriteError(exc.filename or '?', exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; rerun the same command to resume", file=sys.stderr)
         return 130

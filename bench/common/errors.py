@@ -24,6 +24,17 @@ class MissingFileError(BenchError, FileNotFoundError):
     """A file or folder the stage needs does not exist."""
 
 
+class WriteError(BenchError):
+    """An output cannot be written (read-only folder, full disk, I/O error): names the path and the OS error."""
+
+    def __init__(self, path: object, error: BaseException) -> None:
+        detail = f"[Errno {error.errno}] {error.strerror}" if getattr(error, "strerror", None) else str(error)
+        super().__init__(f"cannot write {path}: {detail}. Outputs finished before it are kept; free space or "
+                         "choose a writable --workdir, then rerun the same command to resume")
+        self.path = path
+        self.errno = getattr(error, "errno", None)
+
+
 class SlideError(BenchError):
     """A slide cannot be opened or read (corrupt, truncated, not a slide, no mpp)."""
 

@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -28,9 +30,25 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.common.errors import BenchError
+from bench.common.errors import BenchError, WriteError
 
 _PARTIAL_MARK = ".partial-"
+# OS errors that mean "this output cannot be written here": they end the stage with one line (WriteError)
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of an OS error that means the output cannot be written, else None.
+
+    h5py reports failures as OSError without an errno but with "errno = 30" in its message.
+    """
+    if not isinstance(exc, OSError) or isinstance(exc, BenchError):
+        return None
+    code = exc.errno
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in WRITE_ERRNOS else None
 
 
 def partial_name(path: Path) -> Path:
@@ -49,18 +67,29 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On any exception (KeyboardInterrupt included) the temporary file is removed
     and `path` is left as it was, so an existing good file is never damaged.
+
+    Raises:
+        WriteError: the folder is read-only, the disk full or the device failing (one line
+            naming `path` and the OS error; the cleanup never hides it).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if write_errno(exc) is None:
+            raise
+        raise WriteError(final.parent, exc) from None
     tmp = partial_name(final)
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic write of {final} produced no file at {tmp}")
         os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # nothing to remove, or a folder that refuses it too
             tmp.unlink()
+        if write_errno(exc) is not None:
+            raise WriteError(final, exc) from None
         raise
 
 
@@ -120,26 +149,42 @@ def file_lock(path: str | os.PathLike[str], stale_after: float = 6 * 3600) -> It
         LockHeld: a live process holds the lock.
     """
     lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if write_errno(exc) is None:
+            raise
+        raise WriteError(lock.parent, exc) from None
     owner = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError):
+                if write_errno(exc) is None:
+                    raise
+                raise WriteError(lock, exc) from None
             if _lock_is_stale(lock, stale_after):
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
                 continue
             raise LockHeld(f"{lock} is held by {lock.read_text(errors='replace').strip() or 'another process'}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(owner)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(owner)
+        except OSError as exc:  # a full disk: no lock file is left behind
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            if write_errno(exc) is None:
+                raise
+            raise WriteError(lock, exc) from None
         break
     else:  # pragma: no cover - only when two processes race for a stale lock
         raise LockHeld(f"{lock} was taken by another process")
     try:
         yield lock
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             lock.unlink()
 
 

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from bench import __version__
 from bench.common.console import info, progress
-from bench.common.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError
+from bench.common.errors import BenchError, ConfigError, DataError, MissingFileError, SlideError, WriteError
 from bench.common.files import atomic_path, config_hash
 from bench.data.slides import LevelChoice, Slide
 
@@ -690,8 +690,15 @@ def write_skip_report(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
                 return
     except (OSError, UnicodeDecodeError):
         pass  # missing or unreadable: write it
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8", newline="")
+    except WriteError:
+        from bench.common.console import warn
+
+        for slide_id, reason in skipped:  # the reasons are not lost with the file
+            warn(f"skipped {slide_id}: {reason}")
+        raise
 
 
 def read_skip_report(path: str | Path) -> list[tuple[str, str]]:
