@@ -662,9 +662,12 @@ def _footer(records: Sequence[RunRecord], ranked_splits: Sequence[RunRecord], n_
     ended = sorted(str(r.data.get("ended")) for r in records if r.data.get("ended"))
     lines = ["## How these numbers were made", ""]  # after a dataset section's closing blank line
     boot_text = ", ".join(f"{n} patient-level bootstrap resamples, {c} percentile interval" for n, c in boots)
-    lines += [f"- Intervals: {boot_text} of the test split, seeded with the run's seed; metric cells are "
-              "`mean [low, high]` of the resampled values.",
-              f"- `{NOT_SIGNIFICANT}` in `vs best`: the paired bootstrap difference from the best row on the primary "
+    if boot_text:
+        lines.append(f"- Intervals: {boot_text} of the test split, seeded with the run's seed; metric cells are "
+                     "`mean [low, high]` of the resampled values.")
+    else:  # every run failed: there is no interval to describe
+        lines.append("- Intervals: none; no run of this suite finished (see the failed runs above).")
+    lines += [f"- `{NOT_SIGNIFICANT}` in `vs best`: the paired bootstrap difference from the best row on the primary "
               "metric (same resamples as the best row's interval) is not significant, i.e. its interval contains 0; "
               "p is the two-sided bootstrap p-value. No mark: significantly different.",
               "- Several splits of a method (seeds, folds): one row; metric cells average the per-split mean, low and "

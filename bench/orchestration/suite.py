@@ -371,10 +371,26 @@ def _unique(names: Sequence[str], kind: str, where: _Where) -> None:
         raise where.error(f"duplicate {kind} name(s): {', '.join(dupes)}; give each a distinct `name`")
 
 
+def trainer_keys(paradigm: str) -> tuple[str, ...]:
+    """The parameters the trainer of `paradigm` accepts (its `PARAM_KEYS`)."""
+    if paradigm == "two-stage":
+        from baselines.train import PARAM_KEYS
+    elif paradigm == "e2e":
+        from e2e.train import PARAM_KEYS
+    else:
+        from e2e.gma.config import PARAM_KEYS
+    return tuple(PARAM_KEYS)
+
+
 def _parse_defaults(raw: Any, where: _Where) -> dict[str, dict[str, Any]]:
     table = _table(raw, where)
     _keys(table, PARADIGMS, where)
-    return {k: dict(_table(v, where / k)) for k, v in table.items()}
+    out = {}
+    for k, v in table.items():
+        values = _table(v, where / k)
+        _keys(values, trainer_keys(k), where / k)  # a typo fails at load, before any stage runs
+        out[k] = dict(values)
+    return out
 
 
 def _parse_tiling(raw: Any, where: _Where, default_mag: float) -> Tiling:
@@ -470,8 +486,11 @@ def _parse_methods(m: Mapping[str, Any], where: _Where) -> list[MethodSpec]:
     if "name" in m and len(encoders) * len(aggregators) > 1:
         raise (where / "name").error("a method grid (encoders x aggregators) cannot share one `name`")
     params = _table(m.get("params", {}), where / "params")
+    _keys(params, trainer_keys(paradigm), where / "params")
     agg_params = _table(m.get("aggregator_params", {}), where / "aggregator_params")
     search = _parse_search(m.get("search", {}), where / "search")
+    _keys({k: v for k, v in search.items() if not k.startswith("aggregator.")}, trainer_keys(paradigm),
+          where / "search")
     out = []
     for enc, agg in itertools.product(encoders, aggregators):
         name = m.get("name") or f"{paradigm}/{enc}/{agg}"

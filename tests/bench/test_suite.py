@@ -137,3 +137,39 @@ def test_unknown_suite_and_selection():
     assert [m.paradigm for m in sel.methods] == ["e2e", "e2e", "e2e", "e2e", "gma"]
     with pytest.raises(ConfigError, match="unknown method 'e2e/resnet18-trunc/abmlx'.*e2e/resnet18-trunc/abmilx"):
         s.select(methods=["e2e/resnet18-trunc/abmlx"])
+
+
+@pytest.mark.parametrize("table, where, demo", [
+    ('[defaults.two-stage]\nepocs = 3\n', "defaults.two-stage.epocs", False),
+    ('[demo]\n[demo.defaults.e2e]\nepocs = 3\n', "demo.defaults.e2e.epocs", True),
+])
+def test_a_trainer_parameter_typo_in_defaults_fails_at_load_naming_file_key_and_suggestion(tmp_path, table, where,
+                                                                                           demo):
+    path = write(tmp_path, MINIMAL + table)
+    with pytest.raises(ConfigError) as err:
+        load_suite(path, demo=demo)
+    message = str(err.value)
+    assert str(path) in message and where in message and "did you mean 'epochs'?" in message
+
+
+def test_a_method_parameter_typo_and_a_search_key_typo_fail_at_load(tmp_path):
+    path = write(tmp_path, MINIMAL.replace('aggregators = ["abmil", "mean"]', 'aggregator = "abmil"\n'
+                                           'params = { patienc = 3 }'))
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.params\.patienc: unknown key 'patienc'; did you mean 'patience'"):
+        load_suite(path)
+    path = write(tmp_path, MINIMAL + '[methods.search]\nlearning_rate = { type = "float", low = 1e-5, high = 1e-3 }\n'
+                 '"aggregator.dropout" = { type = "float", low = 0.0, high = 0.5 }\n')
+    with pytest.raises(ConfigError, match=r"search\.learning_rate"):
+        load_suite(path)
+
+
+def test_a_bad_parameter_value_fails_before_any_stage(tmp_path):
+    from bench.orchestration.runner import RunOptions, run_suite
+
+    path = write(tmp_path, MINIMAL + '[defaults.two-stage]\nepochs = -2\n')
+    suite = load_suite(path)  # keys are fine; the value is the trainer's to refuse
+    work = tmp_path / "work"
+    with pytest.raises(ConfigError) as err:
+        run_suite(suite, RunOptions(workdir=work, leaderboards=None))
+    assert str(path) in str(err.value) and "epochs" in str(err.value) and "d1" in str(err.value)
+    assert not work.exists()  # nothing synthesised, tiled or split
