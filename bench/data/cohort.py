@@ -377,6 +377,15 @@ def _label_targets(
             raise ConfigError(f"classes must be distinct, non-empty names, got {list(class_names)}")
     elif task == "classification":
         class_names = tuple(sorted(names.unique()))
+        by_case: dict[str, list[str]] = {}
+        for c in class_names:
+            by_case.setdefault(c.casefold(), []).append(c)
+        clashes = [f"{'/'.join(v)} ({int(names.isin(v[1:]).sum())} vs {int((names == v[0]).sum())} slides)"
+                   for v in by_case.values() if len(v) > 1]
+        if clashes:  # `idc` beside `IDC` is a typo, not a third class
+            raise DataError(f"labels table {path} has labels that differ only in case: {_listing(clashes)}; "
+                            f"known labels: {', '.join(class_names)}. Fix the spelling (labels are case-sensitive) "
+                            "or give the classes with `classes`")
     else:
         grades = {n: _as_grade(n) for n in names.unique()}
         bad = sorted(n for n, g in grades.items() if g is None)
@@ -390,8 +399,11 @@ def _label_targets(
     index = {c: i for i, c in enumerate(class_names)}
     unknown = sorted(set(names) - set(index))
     if unknown:
+        folded = {c.casefold(): c for c in class_names}
+        hints = [f"{u!r} -> {folded[u.casefold()]!r}" for u in unknown if u.casefold() in folded]
+        hint = f" (labels are case-sensitive: {', '.join(hints)}?)" if hints else ""
         raise DataError(f"labels table {path} has label(s) not among the classes: {_listing(unknown)}; "
-                        f"known classes: {', '.join(class_names)}")
+                        f"known classes: {', '.join(class_names)}{hint}")
     df = df.assign(label_name=names, label=names.map(index).astype(int))
     if task == "classification":
         # a grading patient may have biopsies of different grades; a subtype belongs to the patient
@@ -459,7 +471,12 @@ def _slide_paths(df: pd.DataFrame, slides: Path, path: Path) -> list[str]:
     """Absolute path of every slide; all missing files and all escapes are reported at once."""
     base = slides.resolve()
     present = {p.name: p for p in slides.iterdir()}  # one listing, not one stat per extension per slide
-    names = df["filename"] if "filename" in df.columns else [""] * len(df)
+    if {"filename", "path"} <= set(df.columns):
+        raise DataError(f"labels table {path} has both a `filename` and a `path` column; keep one (`filename`: the "
+                        f"slide's file name inside {slides})")
+    column = "filename" if "filename" in df.columns else "path" if "path" in df.columns else None
+    # `path` is accepted as another name for `filename` (what a user may call it; never an absolute path)
+    names = df[column].fillna("").astype(str) if column else [""] * len(df)
     out: list[str] = []
     missing: list[str] = []
     escaping: list[str] = []
@@ -468,7 +485,7 @@ def _slide_paths(df: pd.DataFrame, slides: Path, path: Path) -> list[str]:
         if filename:
             rel = Path(filename)
             if rel.is_absolute() or ".." in rel.parts:
-                escaping.append(f"{sid}: filename {filename!r}")
+                escaping.append(f"{sid}: {column} {filename!r}")
                 out.append("")
                 continue
             candidate = slides / rel

@@ -241,3 +241,35 @@ def test_unreadable_slides_are_reported_not_raised(synthetic_cohort, tmp_path):
     checked = load_cohort(root, check_readable=True)
     assert dict(checked.unreadable) == report
     assert checked.subset(["S0000", "S0001"]).unreadable == (("S0001", report["S0001"]),)
+
+
+# --- labels columns and spelling (issue: README said `path`, labels differing only in case) --------
+
+
+@pytest.mark.parametrize("column", ["filename", "path"])
+def test_a_filename_or_path_column_names_the_slide_file(tmp_path, column):
+    root = make_folder(tmp_path / "c", f"slide_id,patient_id,label,{column}",
+                       ["s1,p1,IDC,scans/a.svs", "s2,p2,ILC,scans/b.svs"], files=["scans/a.svs", "scans/b.svs"])
+    cohort = load_cohort(root)
+    assert [Path(p).name for p in cohort.table["path"]] == ["a.svs", "b.svs"]
+
+
+def test_both_filename_and_path_columns_are_an_error(tmp_path):
+    root = make_folder(tmp_path / "c", "slide_id,patient_id,label,filename,path", ["s1,p1,IDC,s1.svs,s1.svs"])
+    with pytest.raises(DataError, match="both a `filename` and a `path` column"):
+        load_cohort(root)
+
+
+def test_labels_that_differ_only_in_case_are_an_error_listing_the_known_ones(tmp_path):
+    root = make_folder(tmp_path / "c", "slide_id,patient_id,label",
+                       ["s1,p1,IDC", "s2,p2,ILC", "s3,p3,idc", "s4,p4,IDC"])
+    with pytest.raises(DataError) as err:
+        load_cohort(root)
+    message = str(err.value)
+    assert "differ only in case" in message and "IDC/idc" in message and "IDC, ILC, idc" in message
+
+
+def test_a_case_typo_against_given_classes_suggests_the_class(tmp_path):
+    root = make_folder(tmp_path / "c", "slide_id,patient_id,label", ["s1,p1,IDC", "s2,p2,ilc"])
+    with pytest.raises(DataError, match=r"known classes: IDC, ILC \(labels are case-sensitive: 'ilc' -> 'ILC'\?\)"):
+        load_cohort(root, classes=("IDC", "ILC"))
