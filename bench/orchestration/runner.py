@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bench import __version__
 from bench.common.console import info, warn
 from bench.evaluation.costs import StageTimer
-from bench.common.errors import BenchError, ConfigError, MissingFileError
+from bench.common.errors import BenchError, ConfigError, MissingFileError, WriteError
 from bench.common.files import config_hash
 from bench.data.layout import Layout, mag_tag
 from bench.orchestration.suite import DatasetSpec, MethodSpec, Suite, thaw
@@ -82,6 +82,7 @@ class RunOutcome:
     run_dir: Path
     primary: str | None = None
     error: str | None = None
+    record: Path | None = None  # the record written (run.json, or run-failed.json beside a finished one)
 
 
 @dataclass
@@ -320,32 +321,24 @@ def train_method(prep: PreparedDataset, method: MethodSpec, params: Mapping[str,
                  predict_test: bool = True) -> TrainResult:
     """Run the trainer of the method's paradigm on one fold (the one place that dispatches on paradigm)."""
     ds = prep.spec
+    config = _build_config(ds, method, params, aggregator_params, seed=seed, device=device)
     if method.paradigm == "two-stage":
-        from baselines.train import TwoStageConfig, train_two_stage
+        from baselines.train import train_two_stage
 
         assert features is not None and features.folder is not None
-        config = TwoStageConfig.from_params(method.aggregator, params, aggregator_params=aggregator_params,
-                                            seed=seed, device=device)
         files = {s: features.folder / f"{s}.h5" for s in bags.slide_ids()}
-        return train_two_stage(bags, files, config, out_dir, instance_labels=prep.cohort.lesion_labeler(
-                                   prep.tiles[(ds.two_stage.magnification, ds.two_stage.patch_size)]),
-                               epoch_callback=epoch_callback, predict_test=predict_test)
+        lesions = prep.cohort.lesion_labeler(prep.tiles[(ds.two_stage.magnification, ds.two_stage.patch_size)])
+        return train_two_stage(bags, files, config, out_dir, instance_labels=lesions, epoch_callback=epoch_callback,
+                               predict_test=predict_test)
     tiles_dirs = {mag: prep.tiles[(mag, ds.e2e.patch_size)] for mag in ds.e2e.magnifications
                   if (mag, ds.e2e.patch_size) in prep.tiles}
     if method.paradigm == "e2e":
-        from e2e.train import E2EConfig, train_e2e
+        from e2e.train import train_e2e
 
-        config = E2EConfig.from_params(method.encoder, method.aggregator, params, tiling=ds.e2e,
-                                       aggregator_params=aggregator_params, weights=method.weights,
-                                       random_init=method.random_init, seed=seed, device=device)
         return train_e2e(bags, prep.cohort, tiles_dirs, config, out_dir, epoch_callback=epoch_callback,
                          predict_test=predict_test)
-    from e2e.gma.config import GMAConfig
     from e2e.gma.trainer import train_gma
 
-    config = GMAConfig.from_params(method.encoder, method.aggregator, params, tiling=ds.e2e,
-                                   aggregator_params=aggregator_params, weights=method.weights,
-                                   random_init=method.random_init, seed=seed, device=device)
     return train_gma(bags, prep.cohort, tiles_dirs, config, out_dir, epoch_callback=epoch_callback,
                      predict_test=predict_test)
 
@@ -481,8 +474,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
         with timer.stage(f"train {method.paradigm}"):
             result = train_method(prep, method, params, agg_params, bags, run_dir, seed=seed, device=options.device,
                                   features=features)
-    except KeyboardInterrupt:
-        raise
+    except (KeyboardInterrupt, WriteError):
+        raise  # a full or read-only disk is not the method's failure: the stage ends, finished runs stay
     except Exception as exc:  # noqa: BLE001 - a failing method is recorded as failed and the suite goes on
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         if getattr(exc, "epoch", None) is not None:
@@ -506,7 +499,7 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     primary = _primary_text(record, task) if status == "ok" else None
     if primary:
         info(f"[{ds.name}] {method.name} {tag}: {primary}")
-    return RunOutcome(ds.name, method.name, tag, status, run_dir, primary, error)
+    return RunOutcome(ds.name, method.name, tag, status, run_dir, primary, error, record.path)
 
 
 def _primary_text(record: Any, task: Any) -> str | None:
@@ -535,13 +528,40 @@ def register_suite_encoders(suite: Suite) -> None:
 
 
 def check_methods(suite: Suite) -> None:
-    """Unknown encoder or aggregator names fail before any stage runs (with close names)."""
+    """Fail before any stage runs on what would fail every run later: an unknown encoder or aggregator
+    (with close names), or trainer parameters the trainer refuses (each method's full configuration
+    is built once per dataset, exactly as `train_method` builds it)."""
     from baselines.encoders import get_encoder
     from baselines.mil import AGGREGATORS
 
     for m in suite.methods:
         get_encoder(m.encoder)
         AGGREGATORS.get(m.aggregator)
+    for ds in suite.datasets:
+        for m in suite.methods:
+            params, agg = method_settings(suite, m)
+            try:
+                _build_config(ds, m, params, agg)
+            except ConfigError as exc:
+                raise ConfigError(f"{suite.source}: method {m.name!r} on dataset {ds.name!r} ([defaults.{m.paradigm}]"
+                                  f" + its params): {exc}") from None
+
+
+def _build_config(ds: DatasetSpec, method: MethodSpec, params: Mapping[str, Any], aggregator_params: Mapping[str, Any],
+                  *, seed: int = 0, device: str = "auto") -> Any:
+    """The trainer configuration of a method on a dataset (validates every parameter)."""
+    if method.paradigm == "two-stage":
+        from baselines.train import TwoStageConfig
+
+        return TwoStageConfig.from_params(method.aggregator, params, aggregator_params=aggregator_params, seed=seed,
+                                          device=device)
+    if method.paradigm == "e2e":
+        from e2e.train import E2EConfig as Config
+    else:
+        from e2e.gma.config import GMAConfig as Config
+    return Config.from_params(method.encoder, method.aggregator, params, tiling=ds.e2e,
+                              aggregator_params=aggregator_params, weights=method.weights,
+                              random_init=method.random_init, seed=seed, device=device)
 
 
 def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
