@@ -381,8 +381,8 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     from bench.common.console import progress
     from bench.evaluation.costs import (Costs, count_flops, count_parameters, device_name, peak_memory_mb, reset_peak_memory,
                              software_versions)
-    from bench.evaluation.training import (Checkpoint, ModelSelector, epoch_seed, resolve_device, save_safetensors,
-                                           seed_everything)
+    from bench.evaluation.training import (CHECKPOINT_DIR, Checkpoint, ModelSelector, epoch_seed, resolve_device,
+                                           save_safetensors, seed_everything)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,7 +414,7 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     selector = ModelSelector(task.primary_metric, task.higher_is_better[task.primary_metric],
                              patience=config.patience)
     chash = config.result_hash(bags, store.dim)
-    ckpt = Checkpoint(out_dir / "checkpoint", chash)
+    ckpt = Checkpoint(out_dir / CHECKPOINT_DIR, chash)
     history: list[dict[str, Any]] = []
     start_epoch, elapsed_before, resumed_from = 0, 0.0, None
     if ckpt.exists():  # another config's checkpoint raises ConfigError here

@@ -79,7 +79,7 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
     from baselines.mil import build_aggregator
     from bench.evaluation.costs import Costs, PeakMemory, count_parameters, device_name
     from bench.evaluation.training import (
-        Checkpoint, ModelSelector, autocast, check_finite, cosine_schedule, make_optimizer, resolve_device,
+        CHECKPOINT_DIR, Checkpoint, ModelSelector, autocast, check_finite, cosine_schedule, make_optimizer, resolve_device,
         save_safetensors, seed_everything,
     )
     from e2e.batches import EpochOrder, StepData, make_loader
@@ -130,7 +130,7 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
     scheduler = cosine_schedule(optimizer, c.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and precision == "fp16")
     selector = ModelSelector(task.primary_metric, task.higher_is_better[task.primary_metric], patience=c.patience)
-    ckpt = Checkpoint(out_dir / "checkpoint", chash)
+    ckpt = Checkpoint(out_dir / CHECKPOINT_DIR, chash)
     history: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     start_epoch, elapsed_before = 0, 0.0

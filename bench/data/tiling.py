@@ -513,6 +513,12 @@ def _tile_with_mask(slide: Slide, slide_id: str, out_dir: Path, params: TilePara
     """Grid, tissue fractions, QC thumbnail and coords file of one slide at one setting."""
     coords_path = out_dir / f"{slide_id}.h5"
     qc_path = out_dir / "qc" / f"{slide_id}.png"
+    width, height = slide.dimensions
+    if min(width, height) < choice.patch_size_level0:
+        raise DataError(
+            f"slide {slide_id} is smaller than one patch: {width} x {height} px at level 0, but a "
+            f"{params.patch_size}px patch at {params.magnification:g}x spans {choice.patch_size_level0} px there. "
+            "Choose a smaller patch_size or a lower magnification, or leave the slide out.")
     grid = patch_grid(*slide.dimensions, choice.patch_size_level0, params.overlap)
     fractions = tissue_fractions(mask, grid, choice.patch_size_level0)
     keep = fractions >= max(params.tissue_threshold, 1e-9)

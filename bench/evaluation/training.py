@@ -210,6 +210,16 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise DataError(f"cannot read weights file {path}: {exc}; delete it to retrain") from None
 
 
+CHECKPOINT_DIR = "checkpoint"  # a trainer's resumable state inside its run folder
+
+
+def discard_checkpoint(run_dir: str | Path) -> None:
+    """Remove a run's resume checkpoint once its record is written (the final weights stay beside it)."""
+    import shutil
+
+    shutil.rmtree(Path(run_dir) / CHECKPOINT_DIR, ignore_errors=True)
+
+
 @dataclass
 class Checkpoint:
     """A resumable training state: module weights (safetensors) + optimiser/scheduler/selector state.

@@ -496,6 +496,10 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
                                split=split_info, seed=seed, config_hash=chash, result=None, status=status,
                                error=error, started=started, ended=_now(), n_bootstrap=suite.bootstrap,
                                bootstrap_seed=seed, synthetic=prep.synthetic, command=options.command, extra=extra)
+    if status == "ok":
+        from bench.evaluation.training import discard_checkpoint
+
+        discard_checkpoint(run_dir)  # finished and recorded: the resume state (~50 MB for E2E) is not needed
     primary = _primary_text(record, task) if status == "ok" else None
     if primary:
         info(f"[{ds.name}] {method.name} {tag}: {primary}")

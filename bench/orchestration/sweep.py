@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -204,6 +203,7 @@ def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, da
     """
     import optuna
 
+    from bench.evaluation.training import discard_checkpoint
     from bench.orchestration.runner import prepare_fold
 
     if not isinstance(n_trials, int) or n_trials < 1:
@@ -251,7 +251,7 @@ def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, da
             if not keep_trials:
                 for w in out.glob("*.safetensors"):
                     w.unlink()
-                shutil.rmtree(out / "checkpoint", ignore_errors=True)
+                discard_checkpoint(out)
         if "test" in result.predictions:  # a trainer bug would leak the test set into the choice
             raise TrainingError("a sweep trial predicted the test split; refusing its value")
         if result.best_value is None or not math.isfinite(result.best_value):

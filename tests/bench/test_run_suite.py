@@ -113,6 +113,15 @@ def test_suite_runs_end_to_end_then_reuses_everything(tiny):
     assert again.stage_seconds.get("train two-stage", 0) == 0
 
 
+def test_a_finished_run_keeps_its_weights_but_not_its_resume_checkpoint(tiny):
+    root, path = tiny
+    report = run_suite(load_suite(path).select(methods=["e2e/*", "two-stage/*/abmil"]), _options(root, force=True))
+    assert {o.status for o in report.outcomes} == {"ok"}
+    for outcome in report.outcomes:
+        assert not (outcome.run_dir / "checkpoint").exists(), outcome.run_dir
+        assert list(outcome.run_dir.glob("*.safetensors")), outcome.run_dir  # the selected weights stay
+
+
 def test_failing_method_is_recorded_and_others_go_on(tiny, monkeypatch):
     root, path = tiny
     suite = load_suite(path).select(methods=["two-stage/*"])

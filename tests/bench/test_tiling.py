@@ -289,3 +289,30 @@ def test_changed_mpp_override_or_slide_file_retiles(synthetic_cohort, tmp_path):
     shutil.copy(root / "slides" / "S0001.tif", slide)  # another slide under the same name
     again = tile_slide(slide, tmp_path / "t", params)
     assert not again.skipped and read_coords(again.coords_path).attrs["slide_bytes"] == slide.stat().st_size
+
+
+def test_a_slide_smaller_than_one_patch_has_its_own_skip_reason(tmp_path):
+    # 200 x 150 px at 0.25 um/px (40x): a 256 px patch at 20x spans 512 px at level 0
+    small = tmp_path / "small.tif"
+    rng = np.random.default_rng(0)
+    write_pyramidal_tiff(small, rng.integers(60, 200, (150, 200, 3), dtype=np.uint8), 200, 150, mpp=0.25)
+    report = tile_slides([SlideJob("small", small, None)], tmp_path / "out", TileParams(magnification=20.0,
+                                                                                       patch_size=256))
+    assert report.done == [] and len(report.skipped) == 1
+    sid, why = report.skipped[0]
+    assert sid == "small" and "smaller than one patch" in why and "200 x 150 px" in why and "512 px" in why
+
+
+def test_bench_tile_exit_codes_nothing_to_do_is_success_nothing_produced_is_not(synthetic_cohort, tmp_path, capsys):
+    from bench.cli.main import main
+
+    root = synthetic_cohort("subtyping", n_slides=6)
+    args = ["tile", "--cohort", str(root), "--out", str(tmp_path / "w"), "--patch-size", "128", "--no-qc"]
+    assert main([*args, "--magnification", "5"]) == 0
+    assert main([*args, "--magnification", "5"]) == 0  # everything up to date: no work, no error
+    capsys.readouterr()
+    # 4096 px patches at 5x span the whole (small) slide and more: every slide is skipped
+    assert main(["tile", "--cohort", str(root), "--out", str(tmp_path / "w"), "--patch-size", "4096",
+                 "--magnification", "5", "--no-qc"]) == 1
+    err = capsys.readouterr().err
+    assert "error: no slide of" in err and "5x/4096px" in err and "skipped.csv" in err

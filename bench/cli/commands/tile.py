@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "segment tissue and write patch coords (+ QC thumbnails) for a cohort"
 DESCRIPTION = (
@@ -42,4 +43,9 @@ def run(args: argparse.Namespace) -> int:
                                 workers=args.workers)
     for report, (_, out_dir) in zip(reports, targets):
         summarize(report, out_dir)
-    return 0 if all(report.done for report in reports) else 1
+    # exit codes as every stage: nothing left to do is success; a requested tiling that produced nothing is not
+    empty = [(params, out_dir, report) for report, (params, out_dir) in zip(reports, targets) if not report.done]
+    for params, out_dir, report in empty:
+        print(f"error: no slide of {args.cohort} was tiled at {params.magnification:g}x/{params.patch_size}px "
+              f"({len(report.skipped)} skipped; reasons in {out_dir / 'skipped.csv'})", file=sys.stderr)
+    return 1 if empty else 0
