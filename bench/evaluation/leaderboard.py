@@ -76,6 +76,7 @@ from bench.common.errors import ConfigError, DataError, MissingFileError
 from bench.common.files import atomic_path, write_text_atomic
 from bench.data.layout import Layout
 from bench.evaluation.records import PREDICTIONS, RUN_FILE, format_interval, load_run
+from bench.evaluation.training import CHECKPOINT_DIR
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,7 +178,6 @@ def compare(best: MethodRow, other: MethodRow, primary: str) -> Comparison:
 # ----------------------------------------------------------------------------- what is left out of a table
 
 
-CHECKPOINT_DIR = "checkpoint"  # trainers' resumable state inside a run folder (bench.evaluation.training.Checkpoint)
 
 
 def _sha(record: RunRecord) -> str:
@@ -628,6 +628,25 @@ def _reported_section(source: str, reported: pd.DataFrame, data_name: str, kind:
 # ----------------------------------------------------------------------------- footer
 
 
+def _operating_point_lines(records: Sequence[RunRecord]) -> list[str]:
+    """How the threshold-dependent metrics decided: the validation-chosen thresholds, and the fallbacks."""
+    points = [(r, r.data.get("operating_point")) for r in records if r.ok and r.data.get("operating_point")]
+    chosen = [(r, op) for r, op in points if op.get("threshold") is not None]
+    fallback = [(r, op) for r, op in points if op.get("threshold") is None and op.get("why") != "multi-class: "
+                "argmax of the scores"]
+    if not chosen and not fallback:
+        return []
+    out = []
+    if chosen:
+        values = ", ".join(f"{r.dataset} {r.method} {r.split}: {op['threshold']:.3f}" for r, op in chosen)
+        out.append("- Operating points: balanced accuracy, F1 and accuracy of binary tasks use, per run, the threshold "
+                   "on P(class 1) that maximises balanced accuracy (= Youden's J) on that run's validation "
+                   f"predictions, never the test split; AUC needs none. Thresholds: {values}.")
+    for r, op in fallback:
+        out.append(f"- Operating point of {r.dataset} {r.method} {r.split}: argmax, because {op.get('why')}.")
+    return out
+
+
 def _unique(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(v for v in values if v not in (None, "")))
 
@@ -667,6 +686,7 @@ def _footer(records: Sequence[RunRecord], ranked_splits: Sequence[RunRecord], n_
                      "`mean [low, high]` of the resampled values.")
     else:  # every run failed: there is no interval to describe
         lines.append("- Intervals: none; no run of this suite finished (see the failed runs above).")
+    lines += _operating_point_lines(records)
     lines += [f"- `{NOT_SIGNIFICANT}` in `vs best`: the paired bootstrap difference from the best row on the primary "
               "metric (same resamples as the best row's interval) is not significant, i.e. its interval contains 0; "
               "p is the two-sided bootstrap p-value. No mark: significantly different.",

@@ -413,7 +413,7 @@ class _Evaluator:
             self.cindex = _CIndexPlan(np.asarray(targets.time, np.float64), np.asarray(targets.event, bool), scores)
             return
         self.y = np.asarray(targets.label, dtype=np.int64)
-        self.pred = scores.argmax(axis=1)
+        self.pred = task.decide(scores)  # the task's operating point, or the argmax
         self.aucs: list[_AUCPlan] = []
         if "auc" in self.names:  # binary: class 1 vs 0; multiclass: one-vs-rest per class
             classes = [1] if self.k == 2 else list(range(self.k))

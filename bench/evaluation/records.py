@@ -18,7 +18,9 @@ run.json (schema 1), keys:
     aggregator_params, weights_id, random_init, params_source}, paradigm, encoder,
     aggregator, params, split {path, sha256, protocol, seed, fold, tag}, seed,
     config_hash, status, error, started, ended, metrics {name: MetricCI fields}
-    (test split), val {metric, best_epoch, best_value}, costs, attention, history,
+    (test split), operating_point {rule, threshold, val_balanced_accuracy, n_val | why}
+    (binary classification: chosen on validation predictions only), val {metric, best_epoch,
+    best_value}, costs, attention, history,
     weights, n_test, versions, device, host, synthetic, command, extra.
 
 Nothing here imports a model package (DESIGN.md: core modules never do).
@@ -226,9 +228,12 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
     keep_finished = status == "failed" and _finished(run_dir)
     metrics: dict[str, Any] = {}
     n_test = 0
+    operating_point = None
     if status == "ok":
         if result is None or "test" not in result.predictions:
             raise DataError(f"run {run_dir}: the trainer returned no test predictions")
+        if hasattr(task, "with_operating_point"):  # chosen on validation predictions only, before the test is scored
+            task, operating_point = task.with_operating_point(result.predictions.get("val"))
         test = result.predictions["test"]
         n_test = len(test)
         metrics = {m: ci.to_dict() for m, ci in
@@ -249,6 +254,7 @@ def write_run(run_dir: str | Path, *, suite: str, dataset: str, task: Any, metho
         "aggregator": method.get("aggregator"), "params": params,
         "split": {**dict(split), "tag": split_tag(split["protocol"], split["seed"], split["fold"])},
         "seed": int(seed), "config_hash": config_hash, "status": status, "error": error,
+        "operating_point": operating_point,
         "started": started, "ended": ended, "metrics": metrics,
         "val": {"metric": task.primary_metric, "best_epoch": getattr(result, "best_epoch", None),
                 "best_value": getattr(result, "best_value", None)},

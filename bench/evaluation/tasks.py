@@ -398,6 +398,9 @@ class _CategoricalTask(_TaskBase):
             raise DataError(f"{self.kind} scores contain NaN or inf; the model diverged or the predictions file is damaged")
         return y, p
 
+    def decide(self, scores: Any) -> np.ndarray:
+        """Predicted class of each bag (B,) from (B, K) probabilities: the argmax."""
+        return np.asarray(scores, dtype=np.float64).argmax(axis=1)
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,9 @@ class ClassificationTask(_CategoricalTask):
         oversample_ratio: None, or majority:minority ratio that `epoch_indices`
             oversamples minority classes to (2.0 = the paper's IDC:ILC 2:1).
         primary_metric: the metric leaderboards sort by.
+        threshold: binary operating point on P(class 1) for the threshold-dependent metrics
+            (balanced accuracy, F1, accuracy); None = argmax. Chosen on validation
+            predictions only (`with_operating_point`), never on the test split.
     """
 
     kind: ClassVar[str] = "classification"
@@ -421,6 +427,7 @@ class ClassificationTask(_CategoricalTask):
     class_weights: Any = None
     oversample_ratio: float | None = None
     primary_metric: str = "auc"
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         c = self.classes
@@ -436,6 +443,52 @@ class ClassificationTask(_CategoricalTask):
         if self.oversample_ratio is not None:
             _oversample_targets(np.ones(1), float(self.oversample_ratio))  # validates the ratio
         self._check_primary()
+        if self.threshold is not None:
+            if len(c) != 2:
+                raise ConfigError(f"an operating-point threshold needs a binary task, got {len(c)} classes")
+            if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= 1.0):
+                raise ConfigError(f"threshold must be a probability in [0, 1], got {self.threshold!r}")
+            object.__setattr__(self, "threshold", float(self.threshold))
+
+    def decide(self, scores: Any) -> np.ndarray:
+        """Predicted class (B,): P(class 1) >= `threshold` for a binary task with one, else the argmax."""
+        p = np.asarray(scores, dtype=np.float64)
+        if self.threshold is None or self.n_outputs != 2:
+            return p.argmax(axis=1)
+        return (p[:, 1] >= self.threshold).astype(np.int64)
+
+    def with_operating_point(self, val: pd.DataFrame | None) -> tuple[ClassificationTask, dict[str, Any]]:
+        """The task with the binary threshold that maximises balanced accuracy on the validation
+        predictions `val` (the same threshold maximises Youden's J = TPR + TNR - 1), and what was chosen.
+
+        Candidates are the midpoints between consecutive distinct validation scores (and the ends);
+        among equally good ones the closest to 0.5 wins, so a tie does not move the point arbitrarily.
+        Falls back to the argmax, visibly (`rule` says why), for a multi-class task, without
+        validation predictions, or when the validation part holds one class only.
+        """
+        dc = dataclasses
+        if self.n_outputs != 2:
+            return dc.replace(self, threshold=None), {"rule": "argmax", "why": "multi-class: argmax of the scores"}
+        if val is None or len(val) == 0:
+            return dc.replace(self, threshold=None), {"rule": "argmax", "why": "no validation predictions"}
+        targets, p = self.targets_and_scores_from_frame(val)
+        y = np.asarray(targets.label)
+        if len(np.unique(y)) < 2:
+            return dc.replace(self, threshold=None), {
+                "rule": "argmax", "why": f"the validation part has one class only ({self.classes[int(y[0])]}): "
+                                         "no operating point can be chosen"}
+        s = np.unique(p[:, 1])
+        candidates = np.concatenate([[0.0], (s[:-1] + s[1:]) / 2, [np.nextafter(s[-1], np.inf)]])
+        pos, neg = y == 1, y == 0
+        tpr = ((p[:, 1][None, :] >= candidates[:, None]) & pos[None, :]).sum(axis=1) / pos.sum()
+        tnr = ((p[:, 1][None, :] < candidates[:, None]) & neg[None, :]).sum(axis=1) / neg.sum()
+        bacc = (tpr + tnr) / 2
+        best = np.flatnonzero(np.isclose(bacc, bacc.max(), rtol=0, atol=1e-12))
+        pick = best[np.argmin(np.abs(candidates[best] - 0.5))]
+        threshold = float(min(candidates[pick], 1.0))
+        return dc.replace(self, threshold=threshold), {
+            "rule": "max validation balanced accuracy (= Youden's J)", "threshold": threshold,
+            "val_balanced_accuracy": float(bacc[pick]), "n_val": int(len(y))}
 
     def epoch_indices(self, train_targets: Targets, seed: int) -> np.ndarray:
         """A shuffled epoch; with `oversample_ratio`, minority classes are repeated (see `oversample_indices`)."""
@@ -447,7 +500,8 @@ class ClassificationTask(_CategoricalTask):
         """AUC (binary, or unweighted mean of one-vs-rest AUCs), balanced accuracy, macro F1, accuracy.
 
         Computed with scikit-learn; every class must occur in `targets` (AUC is
-        undefined otherwise). The predicted class is the argmax of the scores.
+        undefined otherwise). The predicted class is `decide(scores)`: the operating point
+        when the task has one, else the argmax.
         """
         from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -458,7 +512,7 @@ class ClassificationTask(_CategoricalTask):
                 f"no bag of class(es) {missing} among the {len(y)} evaluated bags; AUC is undefined. "
                 "Use a split whose test set holds every class"
             )
-        pred = p.argmax(axis=1)
+        pred = self.decide(p)
         if self.n_outputs == 2:
             auc = roc_auc_score(y, p[:, 1])
         else:  # one-vs-rest per class, then the unweighted mean (sklearn's multi_class="ovr", average="macro")
@@ -506,7 +560,7 @@ class GradingTask(_CategoricalTask):
         from sklearn.metrics import accuracy_score, cohen_kappa_score
 
         y, p = self._labels_and_probs(targets, scores)
-        pred = p.argmax(axis=1)
+        pred = self.decide(p)
         qwk = cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(self.n_outputs)))
         return {"accuracy": float(accuracy_score(y, pred)), "qwk": float(qwk)}
 

@@ -126,3 +126,43 @@ def test_iter_runs_skips_a_damaged_record_with_a_warning_and_bench_runs_lists(tm
 def test_bench_runs_on_an_empty_workdir_says_what_to_run(tmp_path, capsys):
     assert main(["runs", "--workdir", str(tmp_path)]) == 2
     assert "bench run --suite" in capsys.readouterr().err
+
+
+def test_the_operating_point_comes_from_validation_alone(tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    val = _predictions(40, seed=1)
+    val["prob_1"] = np.clip(val["prob_1"] * 0.4 + 0.5, 0, 1)  # scores far from 0.5: argmax would be poor
+    val["prob_0"] = 1 - val["prob_1"]
+    test = _predictions(60, seed=2)
+    first = _write(tmp_path / "a", TrainResult(predictions={"test": test, "val": val}))
+    op = first.data["operating_point"]
+    t = op["threshold"]
+    # the threshold maximises balanced accuracy on validation (= Youden's J): no other cut does better
+    best = max(balanced_accuracy_score(val["label"], (val["prob_1"] >= c).astype(int))
+               for c in np.unique(val["prob_1"]))
+    assert op["val_balanced_accuracy"] == pytest.approx(best, abs=1e-12)
+    assert balanced_accuracy_score(val["label"], (val["prob_1"] >= t).astype(int)) == pytest.approx(best)
+    # the test metrics use it
+    expect = balanced_accuracy_score(test["label"], (test["prob_1"] >= t).astype(int))
+    assert first.metrics["balanced_accuracy"]["estimate"] == pytest.approx(expect, abs=1e-12)
+    assert first.task().threshold == t
+    # flipping every test label changes the test metrics, never the threshold
+    flipped = test.assign(label=1 - test["label"])
+    second = _write(tmp_path / "b", TrainResult(predictions={"test": flipped, "val": val}))
+    assert second.data["operating_point"]["threshold"] == t
+    assert second.metrics["balanced_accuracy"]["estimate"] != first.metrics["balanced_accuracy"]["estimate"]
+
+
+def test_one_class_validation_falls_back_to_argmax_visibly(tmp_path):
+    val = _predictions(20, seed=1)
+    val["label"] = 0
+    record = _write(tmp_path / "run", TrainResult(predictions={"test": _predictions(), "val": val}))
+    op = record.data["operating_point"]
+    assert op["rule"] == "argmax" and "one class only" in op["why"] and record.task().threshold is None
+    test = _predictions()
+    argmax = (test["prob_1"] > test["prob_0"]).astype(int)
+    from sklearn.metrics import balanced_accuracy_score
+
+    assert record.metrics["balanced_accuracy"]["estimate"] == pytest.approx(
+        balanced_accuracy_score(test["label"], argmax), abs=1e-12)
