@@ -7,7 +7,8 @@ result is written atomically to `features/<dataset>/<encoder>/<mag>x-<px>px/<sli
 
 - `features` (N, D) float32 (float16 on request), `coords` (N, 2) int64 with
   the coords file's attrs (so CLAM/TRIDENT tools read it);
-- file attrs: encoder, weights_id, magnification, patch_size, input_size,
+- file attrs: created_by = "cpath-bench" (the marker: only files that carry it are
+  ever replaced), encoder, weights_id, magnification, patch_size, input_size,
   seconds, peak memory, device, harness version, config_hash, ...
 
 Where the transform runs: on CPU the workers turn uint8 patches into normalised
@@ -15,14 +16,24 @@ float tensors, so the main process only runs the model; on CUDA the workers
 ship uint8 (4x fewer bytes through pinned memory) and the GPU normalises.
 
 Resumable like TRIDENT's batch jobs: a finished slide is skipped after checking
-its file (shape, dimension, config hash, readable last row); a damaged or stale
-file is redone; a per-slide lock file lets several processes share a folder;
-a slide that cannot be extracted is listed in `skipped.csv` and the others go on.
+its file (shape, dimension, attrs, config hash, no NaN/inf row); a stale or invalid
+file of ours is redone (saying which and why), one that cannot even be opened is
+first moved aside to `<slide>.h5.damaged`; a per-slide lock file lets several
+processes share a folder; a slide that cannot be extracted is listed in
+`skipped.csv` and the others go on. Feature files another tool made (CLAM,
+TRIDENT: no marker) are never overwritten or deleted: the extraction stops with
+`ForeignFeaturesError`, pointing at `bench train --features DIR`.
+
+Checking every row of every file on each rerun would read the whole cohort's
+features; so a file records the mtime it got once all its rows were checked
+(`checked_mtime_ns`), and while it still has that mtime only the last row is read.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +53,8 @@ from bench.data.tiling import Coords, SlideJob, read_coords, read_skip_report, w
 from bench.evaluation.training import autocast, resolve_device
 
 from baselines.encoders import EncoderSpec, LoadedEncoder, PatchTransform
-from baselines.features import check_feature_file
+from baselines.features import (CHECKED_MTIME_ATTR, HARNESS_ATTRS, MARKER, MARKER_ATTR, check_feature_file,
+                                harness_made, refuse_foreign)
 
 FEATURES_VERSION = 1
 
@@ -206,11 +218,16 @@ def pending_slides(
     jobs: Iterable[SlideJob], coords_dir: str | Path, out_dir: str | Path, spec: EncoderSpec, weights_id: str,
     init_seed: int | None = None, *, float16: bool = False,
 ) -> list[SlideJob]:
-    """Slides whose feature file is missing, stale or damaged (or whose coords cannot be read).
+    """Slides whose feature file is missing, stale, invalid or damaged (or whose coords cannot be read).
 
     Needs no model, so a rerun over a finished cohort never loads the weights.
+
+    Raises:
+        ForeignFeaturesError: a feature file another tool made is where a slide's would go.
     """
     coords_dir, out_dir = Path(coords_dir), Path(out_dir)
+    jobs = list(jobs)
+    refuse_foreign(out_dir / f"{job.slide_id}.h5" for job in jobs)
     pending = []
     for job in jobs:
         try:
@@ -219,10 +236,21 @@ def pending_slides(
             pending.append(job)  # the real run reports why
             continue
         fingerprint = config_hash(features_config(spec, weights_id, init_seed, coords, float16))
-        if check_feature_file(out_dir / f"{job.slide_id}.h5", n_patches=len(coords), embed_dim=spec.embed_dim,
-                              config_hash=fingerprint) is not None:
+        if reuse_problem(out_dir / f"{job.slide_id}.h5", n_patches=len(coords), embed_dim=spec.embed_dim,
+                         config_hash=fingerprint) is not None:
             pending.append(job)
     return pending
+
+
+def reuse_problem(path: Path, *, n_patches: int, embed_dim: int, config_hash: str) -> str | None:
+    """Why our feature file at `path` must be (re)made ("missing", "unreadable", or what is wrong
+    with it), or None when it is up to date. The file is assumed to be ours (see `refuse_foreign`)."""
+    if not path.is_file():
+        return "missing"
+    if harness_made(path) is None:
+        return "unreadable"
+    return check_feature_file(path, n_patches=n_patches, embed_dim=embed_dim, config_hash=config_hash,
+                              attrs=HARNESS_ATTRS, scan="auto")
 
 
 def _array_digest(arr: np.ndarray) -> str:
@@ -255,19 +283,29 @@ def extract_slide(
         MissingFileError / DataError: coords missing, empty, or for another magnification or size.
         SlideError: the slide cannot be opened or read.
         LockHeld: another live process is extracting this slide.
-        OSError: the feature file cannot be written (e.g. disk full); no file is left behind.
+        ForeignFeaturesError: another tool's feature file is at `out_path`; it is left as it is.
+        WriteError / OSError: the feature file cannot be written (e.g. disk full); no file is left behind.
     """
     coords_path, out_path = Path(coords_path), Path(out_path)
     coords = read_coords(coords_path)
     check_coords(coords, coords_path, magnification, patch_size)
     fingerprint = config_hash(_encoder_config(encoder, coords, options.float16))
     expect = {"n_patches": len(coords), "embed_dim": encoder.spec.embed_dim, "config_hash": fingerprint}
-    if not options.force and check_feature_file(out_path, **expect) is None:
+    refuse_foreign([out_path])  # never overwrite another tool's file
+    if not options.force and reuse_problem(out_path, **expect) is None:
         return _reused(job.slide_id, out_path, len(coords))
     with file_lock(out_path):
-        if not options.force and check_feature_file(out_path, **expect) is None:
+        refuse_foreign([out_path])
+        problem = reuse_problem(out_path, **expect)
+        if not options.force and problem is None:
             return _reused(job.slide_id, out_path, len(coords))  # another process finished it meanwhile
         _remove_stale_partials(out_path)  # we hold the lock: no one else is writing this slide
+        if problem == "unreadable":  # cannot tell whose it is: keep its bytes, out of the way
+            aside = _set_aside(out_path)
+            info(f"re-extracting slide {job.slide_id}: its feature file {out_path} cannot be opened; "
+                 f"moved it to {aside.name}")
+        elif problem not in (None, "missing"):
+            info(f"re-extracting slide {job.slide_id}: its feature file {out_path} cannot be reused ({problem})")
         device = device or resolve_device(options.device)
         feats, seconds, peak_mb, peak_kind, precision = _encode(job, coords, encoder, options, device)
         attrs = {
@@ -292,6 +330,16 @@ def _reused(slide_id: str, path: Path, n: int) -> SlideResult:
         seconds = float(f.attrs.get("seconds", 0.0))
         peak = float(f.attrs.get("peak_memory_mb", 0.0))
     return SlideResult(slide_id, path, n, seconds, peak, reused=True)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a file to `<name>.damaged` (or `.damaged-2`, ...): never listed as features, never deleted."""
+    for i in range(1, 1000):
+        aside = path.with_name(f"{path.name}.damaged" + (f"-{i}" if i > 1 else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise OSError(f"cannot set {path} aside: {path}.damaged-1..999 all exist")
 
 
 def _remove_stale_partials(out_path: Path) -> None:
@@ -361,13 +409,20 @@ def _encode(job: SlideJob, coords: Coords, encoder: LoadedEncoder, options: Extr
 
 
 def write_features(path: Path, features: np.ndarray, coords: Coords, attrs: dict[str, Any]) -> Path:
-    """Write a feature file atomically and check it before it gets its final name."""
+    """Write a feature file atomically and check it (every row) before it gets its final name.
+
+    The file gets the marker attr and, as its mtime, the `checked_mtime_ns` it records (whole
+    seconds: a later change to the file gives it another mtime), so reuse checks can trust it.
+    """
+    checked = time.time_ns() // 10**9 * 10**9
+    attrs = {**attrs, MARKER_ATTR: MARKER, CHECKED_MTIME_ATTR: checked}
     with atomic_path(path) as tmp:
         _write_h5(tmp, features, coords, attrs)
         problem = check_feature_file(tmp, n_patches=len(coords), embed_dim=features.shape[1],
-                                     config_hash=attrs["config_hash"])
+                                     config_hash=attrs["config_hash"], scan="all")
         if problem is not None:  # pragma: no cover - would be a bug in _write_h5
             raise DataError(f"feature file for {attrs['slide_id']} failed its check after writing: {problem}")
+        os.utime(tmp, ns=(checked, checked))  # os.replace keeps it
     return path
 
 
@@ -404,8 +459,14 @@ def extract_cohort(
     Coords are read from `<coords_dir>/<slide_id>.h5`, features written to
     `<out_dir>/<slide_id>.h5`. Slides locked by another live process are left to it
     (`report.busy`).
+
+    Raises:
+        ForeignFeaturesError: feature files another tool made are where this run would write;
+            nothing is extracted, written or deleted.
     """
     coords_dir, out_dir = Path(coords_dir), Path(out_dir)
+    jobs = list(jobs)
+    refuse_foreign(out_dir / f"{job.slide_id}.h5" for job in jobs)  # before any work: one error, nothing touched
     device = resolve_device(options.device)
     encoder.model.to(device)
     if device.type == "cuda":
@@ -414,7 +475,6 @@ def extract_cohort(
     if options.torch_threads is not None:
         torch.set_num_threads(options.torch_threads)
     report = ExtractReport()
-    jobs = list(jobs)
     not_tiled = dict(read_skip_report(coords_dir / "skipped.csv"))  # why `bench tile` left a slide out
     bar = progress(jobs, desc=f"extract {encoder.spec.name}", unit="slide")
     try:
@@ -436,7 +496,7 @@ def extract_cohort(
             except (SlideError, DataError, ConfigError) as exc:
                 report.skipped.append((job.slide_id, str(exc)))
                 continue
-            except OSError as exc:  # writing failed (disk full, permissions): atomic_path left nothing
+            except OSError as exc:  # other OS errors writing; a WriteError (full disk, read-only) ends the stage
                 report.skipped.append((job.slide_id, f"cannot write features to {out_dir}: {exc}"))
                 continue
             report.done.append(result)
@@ -465,5 +525,6 @@ def summarize(report: ExtractReport, out_dir: Path) -> None:
 
 __all__ = [
     "ExtractOptions", "SlideResult", "ExtractReport", "SlidePatches", "features_config", "pending_slides",
+    "reuse_problem",
     "check_coords", "extract_slide", "extract_cohort", "write_features", "read_skip_report", "summarize", "FEATURES_VERSION",
 ]

@@ -26,7 +26,7 @@ from baselines.encoders import build_encoder
 from baselines.extract import ExtractOptions, extract_cohort, pending_slides, read_skip_report
 from baselines.features import list_features, read_features
 from bench.cli.main import main as bench_main
-from bench.common.errors import ConfigError
+from bench.common.errors import ConfigError, DataError, WriteError
 from bench.common.files import file_lock, is_partial
 from bench.data.slides import open_slide
 from bench.data.tiling import SlideJob, TileParams, read_coords, tile_slides, write_coords
@@ -168,9 +168,10 @@ def test_failed_write_leaves_no_file_that_looks_done(tiled, encoder, tmp_path, m
 
     monkeypatch.setattr(extract_mod, "_write_h5", disk_full)
     out = tmp_path / "f"
-    report = run(jobs[:2], tiles, out, encoder)
-    assert [s for s, _ in report.skipped] == [victim] and "No space left" in report.skipped[0][1]
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{jobs[0].slide_id}.h5", "skipped.csv"])
+    # a full disk ends the stage with one error naming the file (WriteError from atomic_path), not a skip
+    with pytest.raises(WriteError, match=f"cannot write {out / victim}.h5: .*No space left on device"):
+        run(jobs[:2], tiles, out, encoder)
+    assert sorted(p.name for p in out.iterdir()) == [f"{jobs[0].slide_id}.h5"]  # what finished is kept
     monkeypatch.setattr(extract_mod, "_write_h5", real_write)
     again = run(jobs[:2], tiles, out, encoder)
     assert again.n_new == 1 and not again.skipped and not (out / "skipped.csv").exists()
@@ -296,3 +297,62 @@ def test_slides_that_tiling_skipped_are_reported_with_its_reason(tiled, encoder,
     assert bench_main(args) == 2
     err = capsys.readouterr().err
     assert "10x-64px" in err and "20x-64px" not in err and "bench tile" in err and "--magnification 20 10" in err
+
+
+def test_extract_redoes_its_own_files_with_nan_rows_or_missing_attrs_and_says_why(tiled, tmp_path, capsys):
+    """Training refuses a file with NaN rows ("extract them again"); extraction must not call it up to date."""
+    root, tiles, jobs = tiled
+    work = tmp_path / "work"
+    shutil.copytree(tiles, work / "tiles" / "synth" / "20x-64px")
+    args = ["extract", "--workdir", str(work), "--cohort", str(root), "--dataset", "synth", "--encoder",
+            "resnet18-trunc", "--patch-size", "64", "--random-init", "--input-size", "32", "--workers", "0",
+            "--batch-size", "64", "--device", "cpu", "--threads", "1"]
+    assert bench_main(args) == 0
+    out = work / "features" / "synth" / "resnet18-trunc" / "20x-64px"
+    capsys.readouterr()
+    nan_slide, attr_slide = jobs[1].slide_id, jobs[2].slide_id
+    with h5py.File(out / f"{nan_slide}.h5", "a") as f:
+        f["features"][2:4] = np.nan  # middle rows: the last row is fine
+    with h5py.File(out / f"{attr_slide}.h5", "a") as f:
+        del f.attrs["seconds"]
+    with pytest.raises(DataError, match="2 of .* feature rows hold NaN or inf; extract them again"):
+        read_features(out / f"{nan_slide}.h5")  # what training says
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    spec = build_encoder("resnet18-trunc", random_init=True, seed=0, input_size=32).spec
+    assert [j.slide_id for j in pending_slides(jobs, work / "tiles" / "synth" / "20x-64px", out, spec, "random-init",
+                                               0)] == [nan_slide, attr_slide]
+    assert bench_main(args) == 0
+    err = capsys.readouterr().err
+    assert f"re-extracting slide {nan_slide}: its feature file {out / nan_slide}.h5 cannot be reused (2 of " in err
+    assert "feature rows hold NaN or inf)" in err
+    assert f"re-extracting slide {attr_slide}: its feature file {out / attr_slide}.h5 cannot be reused " \
+           "(missing attrs: seconds)" in err
+    assert "2 new" in err and "are up to date" not in err
+    assert np.isfinite(read_features(out / f"{nan_slide}.h5").features).all()
+    assert "seconds" in read_features(out / f"{attr_slide}.h5").attrs
+    redone = (f"{nan_slide}.h5", f"{attr_slide}.h5")
+    assert {n: t for n, t in stamps.items() if n not in redone} == \
+        {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5") if p.name not in redone}  # the others not redone
+    assert bench_main(args) == 0 and "are up to date" in capsys.readouterr().err
+
+
+def test_reuse_reads_every_row_only_of_files_changed_since_their_extraction(tiled, encoder, tmp_path, monkeypatch):
+    from baselines import features as features_mod
+
+    _, tiles, jobs = tiled
+    out = tmp_path / "f"
+    run(jobs[:2], tiles, out, encoder)
+    full_reads = []
+    real = features_mod._non_finite_rows
+
+    def spy(ds, *, everything, **kw):
+        full_reads.append((Path(ds.file.filename).stem, everything))
+        return real(ds, everything=everything, **kw)
+
+    monkeypatch.setattr(features_mod, "_non_finite_rows", spy)
+    assert pending_slides(jobs[:2], tiles, out, encoder.spec, "random-init", 0) == []
+    assert full_reads == [(jobs[0].slide_id, False), (jobs[1].slide_id, False)]  # untouched: last row only
+    full_reads.clear()
+    os.utime(out / f"{jobs[1].slide_id}.h5")  # touched (copied, edited): every row is read
+    assert pending_slides(jobs[:2], tiles, out, encoder.spec, "random-init", 0) == []
+    assert full_reads == [(jobs[0].slide_id, False), (jobs[1].slide_id, True)]

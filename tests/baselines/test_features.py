@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 from baselines.features import (
+    ForeignFeaturesError,
     check_feature_file,
     extraction_seconds,
+    harness_made,
     list_features,
     read_features,
+    refuse_foreign,
     validate_features_dir,
 )
 from bench.common.errors import DataError, MissingFileError
@@ -154,3 +157,40 @@ def test_extraction_seconds_only_from_files_that_record_them(tmp_path):
     with h5py.File(ours, "a") as f:
         f.attrs["seconds"] = 12.5
     assert extraction_seconds(list_features(tmp_path)) == {"ours": 12.5}
+
+
+def test_every_row_check_attrs_and_advice_for_other_tools_files(tmp_path):
+    feats, coords = bag(40, 8, seed=3)
+    feats[10:12] = np.nan  # middle rows: the cheap last-row check cannot see them
+    path = tmp_path / "clam.h5"
+    write_clam(path, feats, coords)
+    assert check_feature_file(path) is None
+    assert check_feature_file(path, scan="all") == "2 of 40 feature rows hold NaN or inf"
+    assert check_feature_file(path, scan="auto") == "2 of 40 feature rows hold NaN or inf"  # no checked mtime
+    with pytest.raises(DataError, match="made by another tool \\(clam layout\\): re-create it there"):
+        read_features(path)
+    good = tmp_path / "good.h5"
+    write_clam(good, *bag(5, 8, seed=4))
+    assert check_feature_file(good, attrs=("config_hash", "seconds")) == "missing attrs: config_hash, seconds"
+    with h5py.File(good, "a") as f:
+        del f["coords"]
+        f["coords"] = np.zeros((5, 3), np.int64)
+    assert check_feature_file(good).startswith("bad shapes")
+
+
+def test_only_files_with_the_marker_or_an_old_harness_signature_are_ours(tmp_path):
+    clam, trident, ours, old, broken = (tmp_path / f"{n}.h5" for n in ("clam", "trident", "ours", "old", "broken"))
+    for p in (clam, ours, old):
+        write_clam(p, *bag(3, 4, seed=0))
+    write_trident(trident, *bag(3, 4, seed=1))
+    with h5py.File(ours, "a") as f:
+        f.attrs["created_by"] = "cpath-bench"
+    with h5py.File(old, "a") as f:  # a feature file of the harness before the marker
+        for key in ("config_hash", "harness_version", "weights_id", "encoder"):
+            f.attrs[key] = "x"
+    broken.write_bytes(b"not hdf5")
+    assert [harness_made(p) for p in (clam, trident, ours, old, broken)] == [False, False, True, True, None]
+    refuse_foreign([ours, old, broken, tmp_path / "absent.h5"])  # nothing foreign: no error
+    with pytest.raises(ForeignFeaturesError, match=r"trident.h5 and 1 more \(TRIDENT layout\) were not made by "
+                                                   r"cpath-bench .* `bench train --features .*` .* move them out"):
+        refuse_foreign([ours, trident, clam])

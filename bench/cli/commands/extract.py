@@ -8,8 +8,10 @@ HELP = "extract patch features with a frozen encoder (two-stage stage one)"
 DESCRIPTION = (
     "Embed every patch of every slide with a frozen encoder and write one HDF5 per slide under "
     "<workdir>/features/<dataset>/<encoder>/<mag>x-<px>px/ (features (N, D), coords (N, 2), attrs). "
-    "Coords come from `bench tile` (<workdir>/tiles/...). Finished slides are skipped, damaged or stale "
-    "files redone; unreadable slides are skipped and listed in skipped.csv. Weights: --weights FILE, "
+    "Coords come from `bench tile` (<workdir>/tiles/...). Finished slides are skipped; stale or invalid files "
+    "of ours (NaN/inf rows, wrong shape, missing attrs) are redone, each with a line saying why; unreadable slides "
+    "are skipped and listed in skipped.csv. Feature files another tool made (CLAM, TRIDENT) are never replaced: "
+    "the command stops and names them (train on them with `bench train --features DIR`). Weights: --weights FILE, "
     "else the local Hugging Face cache, else the Hub (HF_TOKEN); --random-init only on request."
 )
 
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from baselines.encoders import get_encoder
     from baselines.extract import ExtractOptions, extract_cohort, pending_slides, summarize
+    from baselines.features import refuse_foreign
     from bench.data.cohort import load_cohort
     from bench.common.console import info
     from bench.common.errors import MissingFileError
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         coords_dir = layout.tiles_dir(dataset, mag, args.patch_size)
         out_dir = layout.features_dir(dataset, args.encoder, mag, args.patch_size)
         jobs = cohort.slide_jobs()
+        refuse_foreign(out_dir / f"{job.slide_id}.h5" for job in jobs)  # another tool's files: stop before loading
         if not args.force and not pending_slides(jobs, coords_dir, out_dir, spec, source.weights_id, init_seed,
                                                  float16=args.float16):
             info(f"features of all {len(jobs)} slides in {out_dir} are up to date ({source.weights_id})")

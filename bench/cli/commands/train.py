@@ -10,7 +10,9 @@ DESCRIPTION = (
     "the method needs done first and cached: tiling, the split file, feature extraction (two-stage). The same "
     "code path as `bench run`, for a suite of one dataset and one method (suite name --suite-name, default "
     "'train'), so `bench runs` and `bench leaderboard --suite train` show the result. GMA runs 1 aggregator + "
-    "N encoder processes through torchrun (--nproc N+1; gloo on CPU)."
+    "N encoder processes through torchrun (--nproc N+1; gloo on CPU). --features DIR trains a two-stage method "
+    "on features extracted before, by CLAM (h5_files/), TRIDENT (features_<encoder>/) or `bench extract`, as "
+    "they are: no extraction, and nothing is ever written into DIR."
 )
 
 _DEFAULT_AGGREGATOR = {"two-stage": "abmil", "e2e": "abmilx", "gma": "gma"}
@@ -27,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregator", help="aggregator (default: abmil, abmilx for e2e, gma for gma)")
     p.add_argument("--weights", help="encoder weights file or Hub snapshot folder")
     p.add_argument("--random-init", action="store_true", help="random encoder weights (recorded in the run)")
+    p.add_argument("--features", metavar="DIR",
+                   help="two-stage: train on the existing features in DIR (CLAM output root or h5_files/, TRIDENT "
+                        "features_<encoder>/, or bench extract's folder), read-only; --encoder names the encoder "
+                        "that made them (default resnet50-trunc, CLAM's)")
     g = p.add_argument_group("trainer parameters (defaults: the paradigm's, see README)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
@@ -113,12 +119,17 @@ def build_suite_dict(args: argparse.Namespace, task: str, classes, dataset: str,
         ds["oversample"] = args.oversample
     if args.folds:
         ds["folds"] = list(args.folds)
-    method = {"paradigm": args.paradigm, "encoder": args.encoder or _DEFAULT_ENCODER[args.paradigm],
-              "aggregator": args.aggregator or _DEFAULT_AGGREGATOR[args.paradigm], "params": params,
+    encoder = args.encoder or _DEFAULT_ENCODER[args.paradigm]
+    aggregator = args.aggregator or _DEFAULT_AGGREGATOR[args.paradigm]
+    method = {"paradigm": args.paradigm, "encoder": encoder, "aggregator": aggregator, "params": params,
               "aggregator_params": _pairs(args.aggregator_param, "--aggregator-param"),
               "random_init": bool(args.random_init)}
     if args.weights:
         method["weights"] = args.weights
+    if getattr(args, "features", None):  # its own name: runs on given features never replace extracted ones
+        from baselines.features import folder_tag
+
+        method["name"] = f"two-stage/{encoder}+{folder_tag(args.features)}/{aggregator}"
     return {"name": args.suite_name, "description": f"bench train on {dataset}", "seeds": [args.seed],
             "bootstrap": args.bootstrap, "defaults": {args.paradigm: paradigm_defaults(args.paradigm, task)},
             "datasets": [ds], "methods": [method]}
@@ -135,6 +146,33 @@ def paradigm_defaults(paradigm: str, task: str) -> dict:
     return {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.0}
 
 
+def given_features(args: argparse.Namespace, cohort):
+    """Check `--features DIR` before any stage runs: the flags that go with it, and the folder itself
+    (every row of every file the cohort uses); slides without a file are left out, with a warning."""
+    from baselines.encoders import get_encoder
+    from baselines.features import external_features
+    from bench.common.console import info, warn
+    from bench.common.errors import ConfigError
+
+    if args.paradigm != "two-stage":
+        raise ConfigError(f"--features trains a two-stage method (MIL on features), not --paradigm {args.paradigm}")
+    if args.random_init or args.weights:
+        raise ConfigError("--features trains on features extracted before: --random-init and --weights do not "
+                          "apply (no encoder runs)")
+    given = external_features(args.features, cohort.slide_ids)
+    encoder = args.encoder or _DEFAULT_ENCODER[args.paradigm]
+    info(f"features: {len(given.slides)} slides in {given.folder} ({given.layout} layout, {given.embed_dim}-d), "
+         "read-only: nothing is extracted or written there")
+    if given.missing:
+        warn(f"{len(given.missing)} of {len(cohort.slide_ids)} slides have no feature file in {given.folder} "
+             f"(e.g. {given.missing[0]}.h5); they are left out")
+    expected = get_encoder(encoder).embed_dim
+    if expected != given.embed_dim:
+        warn(f"the features in {given.folder} are {given.embed_dim}-dimensional but {encoder} gives {expected}; "
+             f"the run records encoder {encoder}: pass --encoder with the one that made them (see `bench encoders`)")
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -146,10 +184,12 @@ def run(args: argparse.Namespace) -> int:
     cohort_dir = Path(args.cohort)
     cohort = load_cohort(cohort_dir)
     dataset = args.dataset or cohort.name
+    given = given_features(args, cohort) if args.features else None
     raw = build_suite_dict(args, cohort.task, cohort.classes, dataset, cohort_dir.resolve().name)
     suite = parse_suite(raw, source="bench train")
+    extra = {"features_dir": given.folder} if given is not None else {}  # read by the runner's extract_features
     options = RunOptions(workdir=Path(args.workdir), data_root=cohort_dir.resolve().parent, device=args.device,
-                         leaderboards=None, force=args.force, command=command_line())
+                         leaderboards=None, force=args.force, command=command_line(), **extra)
     report = run_suite(suite, options)
     print(outcome_table(report))
     print()
