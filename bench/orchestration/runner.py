@@ -67,6 +67,7 @@ class RunOptions:
     force: bool = False
     extract_workers: int = 2
     command: str | None = None
+    features_dir: Path | None = None  # `bench train --features DIR`: two-stage features read there, never written
 
     def __post_init__(self) -> None:
         if self.params not in ("suite", "best"):
@@ -253,6 +254,17 @@ def extract_features(prep: PreparedDataset, method: MethodSpec, options: RunOpti
     key = (method.encoder, method.weights, method.random_init)
     if key in cache:
         return cache[key]
+    if options.features_dir is not None:  # `bench train --features DIR`: read-only, nothing extracted
+        from baselines.features import external_features
+
+        try:
+            given = external_features(options.features_dir, prep.cohort.slide_ids, scan="last")
+            result = FeatureSet(given.folder, given.weights_id, set(given.slides))
+        except BenchError as exc:
+            warn(f"[{ds.name}] cannot use the features in {options.features_dir}: {exc}")
+            result = FeatureSet(None, None, set(), f"{type(exc).__name__}: {exc}")
+        cache[key] = result
+        return result
     layout = Layout(options.workdir)
     tiling = (ds.two_stage.magnification, ds.two_stage.patch_size)
     coords_dir = prep.tiles[tiling]
@@ -284,11 +296,12 @@ def extract_features(prep: PreparedDataset, method: MethodSpec, options: RunOpti
 # ----------------------------------------------------------------------------- one method
 
 
-def best_params(layout: Layout, suite: str, method: str, dataset: str) -> dict[str, Any] | None:
-    """Parameters found by `bench sweep` for (suite, method, dataset), or None."""
+def best_params(layout: Layout, suite: str, method: str, dataset: str, split: str) -> dict[str, Any] | None:
+    """Parameters `bench sweep` tuned for (suite, method, dataset) on this split, or None (nested tuning:
+    never the parameters of another split, whose training data may hold this split's test patients)."""
     from bench.evaluation.sweeps import read_best
 
-    best = read_best(layout, suite, method, dataset)
+    best = read_best(layout, suite, method, dataset, split)
     return None if best is None else dict(best["best_params"])
 
 
@@ -373,6 +386,16 @@ class FoldJob:
     fold: int
     device: str
 
+    def with_fold(self, fold: int) -> FoldJob:
+        """The same method and data on another fold of the same split file."""
+        from bench.evaluation.training import fold_bags
+
+        splits = self.prep.splits[self.seed]
+        available, why = available_slides(self.prep, self.method, self.features)
+        bags = fold_bags(make_task_for(self.prep.spec, self.prep.cohort), self.prep.cohort.table, splits, int(fold),
+                         available=available, unavailable_reason=why)
+        return replace(self, bags=bags, fold=int(fold))
+
     def train(self, overrides: Mapping[str, Any] | None, out_dir: Path, *, epoch_callback: EpochCallback | None = None,
               predict_test: bool = True) -> TrainResult:
         params, agg = method_settings(self.suite, self.method, overrides)
@@ -443,9 +466,10 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     splits = prep.splits[seed]
     tag = split_tag(splits.protocol, splits.seed, fold)
     run_dir = layout.run_dir(suite.name, ds.name, method.name, tag)
-    overrides = best_params(layout, suite.name, method.name, ds.name) if options.params == "best" else None
+    overrides = best_params(layout, suite.name, method.name, ds.name, tag) if options.params == "best" else None
     if options.params == "best" and overrides is None:
-        warn(f"[{ds.name}] {method.name}: no sweep results (bench sweep), using the suite's parameters")
+        warn(f"[{ds.name}] {method.name} {tag}: no sweep results for this split (bench sweep), using the suite's "
+             "parameters")
     params, agg_params = method_settings(suite, method, overrides)
     features = extract_features(prep, method, options, timer, feature_cache) if method.paradigm == "two-stage" else None
     config = run_config(suite, prep, method, params, agg_params, splits, seed, fold, features)
@@ -458,7 +482,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
                    "aggregator": method.aggregator, "params": params, "aggregator_params": agg_params,
                    "weights_id": features.weights_id if features else ("random-init" if method.random_init else
                                                                       method.weights),
-                   "random_init": method.random_init, "params_source": "sweep" if overrides else "suite"}
+                   "random_init": method.random_init, "params_source": "sweep" if overrides else "suite",
+                   **({"params_tuned_on": tag} if overrides else {})}
     split_info = {"path": str(splits.path), "sha256": splits.sha256, "protocol": splits.protocol,
                   "seed": splits.seed, "fold": fold}
     started = _now()

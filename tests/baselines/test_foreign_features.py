@@ -212,7 +212,6 @@ def test_train_features_refuses_bad_folders_and_flags_with_clear_errors(cohort, 
     assert not (work / "runs").exists()  # refused before any stage
 
 
-@pytest.mark.xfail(reason="needs runner hook: RunOptions.features_dir used by extract_features", strict=False)
 def test_train_on_clam_features_reads_the_folder_only(cohort, tmp_path, capsys):
     root, tiles, ours = cohort
     work = workdir(tmp_path, tiles)
