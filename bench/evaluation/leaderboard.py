@@ -558,31 +558,32 @@ def _sweeps_section(workdir: Path, suite: str, dataset: str, methods: Sequence[s
     import pandas as pd
 
     from bench.common.console import warn
-    from bench.evaluation.sweeps import read_best
+    from bench.evaluation.sweeps import read_best, sweep_splits
 
     layout = Layout(workdir)
     table = []
     for method in methods:
-        try:
-            best = read_best(layout, suite, method, dataset)
-        except DataError as exc:  # a damaged best.json must not hide the measured results
-            warn(str(exc))
-            continue
-        if best is None:
-            continue
-        importances = sorted((best.get("importances") or {}).items(), key=lambda kv: -kv[1])
-        value = best.get("best_value")
-        table.append({
-            "method": method, "trials": str(best.get("n_trials", "?")), "failed": str(best.get("n_failed", "?")),
-            "pruned": str(best.get("n_pruned", "?")),
-            f"best {best.get('metric', 'validation')}": f"{value:.3f}" if isinstance(value, (int, float)) else "—",
-            "best params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in best["best_params"].items()) or "—",
-            "importance": ", ".join(f"{k} {v:.2f}" for k, v in importances) or "—",
-        })
+        for split in sweep_splits(layout, suite, method, dataset):
+            try:
+                best = read_best(layout, suite, method, dataset, split)
+            except DataError as exc:  # a damaged best.json must not hide the measured results
+                warn(str(exc))
+                continue
+            if best is None:
+                continue
+            importances = sorted((best.get("importances") or {}).items(), key=lambda kv: -kv[1])
+            value = best.get("best_value")
+            table.append({
+                "method": method, "split": split, "trials": str(best.get("n_trials", "?")),
+                "failed": str(best.get("n_failed", "?")), "pruned": str(best.get("n_pruned", "?")),
+                f"best {best.get('metric', 'validation')}": f"{value:.3f}" if isinstance(value, (int, float)) else "—",
+                "best params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in best["best_params"].items()) or "—",
+                "importance": ", ".join(f"{k} {v:.2f}" for k, v in importances) or "—",
+            })
     if not table:
         return []
-    return ["", f"#### Sweeps (validation split only; `bench run --suite {suite} --params best` uses them)", "",
+    return ["", f"#### Sweeps (one study per split, on its train/validation parts only; `bench run --suite {suite} --params best` uses each split's own)", "",
             _md_table(pd.DataFrame(table))]
 
 

@@ -7,9 +7,11 @@
 - Objective: the best validation value of the task's primary metric over the
   epochs of a trial (the value model selection would pick). Trials train with
   `predict_test=False`: the test part of the split is never read, so a sweep
-  cannot leak the test set into the choice of parameters. The sweep uses the
-  first seed of the suite (or `--seed`) and fold 0 of its split file.
-- Study: stored in SQLite at `sweeps/<suite>/<method>/<dataset>/study.db` by
+  cannot leak the test set into the choice of parameters. Tuning is nested:
+  every split (seed x fold) has its own study on its own train/validation parts
+  (`--seed` / `--fold` restrict to one), and `bench run --params best` uses on
+  each split the parameters tuned on that split.
+- Study: stored in SQLite at `sweeps/<suite>/<method>/<dataset>/<split>/study.db` by
   default; `--storage` takes any Optuna RDB URL (PostgreSQL, MySQL), so several
   machines can work on one study. TPE sampler seeded with `seed + number of
   trials already in the study` (a resumed sweep does not replay the same random
@@ -38,6 +40,7 @@ from bench.common.console import info, warn
 from bench.common.errors import ConfigError, TrainingError
 from bench.common.files import write_json_atomic, write_text_atomic
 from bench.data.layout import Layout
+from bench.evaluation.records import split_tag
 from bench.evaluation.sweeps import sweep_dir
 from bench.orchestration.suite import MethodSpec, SearchParam, Suite
 
@@ -46,12 +49,12 @@ GRACE_SECONDS = 120
 MAX_RETRY = 2
 
 
-def default_storage(layout: Layout, suite: str, method: str, dataset: str) -> str:
-    return f"sqlite:///{(sweep_dir(layout, suite, method, dataset) / 'study.db').resolve()}"
+def default_storage(layout: Layout, suite: str, method: str, dataset: str, split: str) -> str:
+    return f"sqlite:///{(sweep_dir(layout, suite, method, dataset, split) / 'study.db').resolve()}"
 
 
-def study_name(suite: str, method: str, dataset: str) -> str:
-    return f"{suite}:{dataset}:{method}"
+def study_name(suite: str, method: str, dataset: str, split: str) -> str:
+    return f"{suite}:{dataset}:{method}:{split}"
 
 
 def suggest(trial: Any, name: str, space: SearchParam) -> Any:
@@ -192,18 +195,24 @@ def _val_value(logged: Mapping[str, Any], metric: str) -> float | None:
 
 
 def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, dataset: str | None = None,
-              storage: str | None = None, seed: int | None = None, timeout: float | None = None,
-              keep_trials: bool = False) -> dict[str, Any]:
-    """Add `n_trials` trials to the study of (suite, method, dataset); returns the new `best.json` content.
+              storage: str | None = None, seed: int | None = None, fold: int | None = None,
+              timeout: float | None = None, keep_trials: bool = False) -> dict[str, dict[str, Any]]:
+    """Add `n_trials` trials to the study of every split (seed x fold) of (suite, method, dataset).
+
+    Nested tuning: each split has its own study, trained and scored on that split's train and
+    validation parts only, so the parameters `bench run --params best` uses on a split were never
+    tuned on data that holds that split's test patients (with k folds, fold 0's train part holds
+    the test patients of every other fold; with several seeds, likewise across seeds).
 
     Args:
         options: bench.orchestration.runner.RunOptions (workdir, data root, device).
         dataset: which dataset to tune on (default: the suite's only dataset; required when it has several).
+        seed / fold: tune only this seed / fold (default: every seed of the suite and every fold it runs).
         keep_trials: keep each trial's weights (by default only its history is kept).
-    """
-    import optuna
 
-    from bench.evaluation.training import discard_checkpoint
+    Returns:
+        split tag (e.g. "kfold-seed0-fold2") -> the new `best.json` content of its study.
+    """
     from bench.orchestration.runner import prepare_fold
 
     if not isinstance(n_trials, int) or n_trials < 1:
@@ -219,19 +228,37 @@ def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, da
                               "choose one with --dataset")
         dataset = suite.datasets[0].name
     ds = suite.dataset(dataset)
-    seed = suite.seeds[0] if seed is None else int(seed)
-    layout = Layout(options.workdir)
-    folder = sweep_dir(layout, suite.name, method.name, ds.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = storage or default_storage(layout, suite.name, method.name, ds.name)
+    seeds = suite.seeds if seed is None else (int(seed),)
+    results: dict[str, dict[str, Any]] = {}
+    for s in seeds:
+        first = prepare_fold(suite, method.name, ds.name, options, seed=s, fold=fold)
+        folds = [first.fold] if fold is not None else list(ds.folds or first.prep.splits[s].folds)
+        for f in folds:
+            job = first if f == first.fold else first.with_fold(f)
+            tag = split_tag(job.prep.splits[s].protocol, s, f)
+            results[tag] = _sweep_split(job, tag, n_trials, options, storage=storage, timeout=timeout,
+                                        keep_trials=keep_trials)
+    return results
 
-    job = prepare_fold(suite, method.name, ds.name, options, seed=seed)
-    bags, fold, splits = job.bags, job.fold, job.prep.splits[seed]
+
+def _sweep_split(job: Any, tag: str, n_trials: int, options: Any, *, storage: str | None, timeout: float | None,
+                 keep_trials: bool) -> dict[str, Any]:
+    """Add `n_trials` trials to the study of one split; returns its `best.json` content."""
+    import optuna
+
+    from bench.evaluation.training import discard_checkpoint
+
+    suite, method, ds, seed, fold = job.suite, job.method, job.prep.spec, job.seed, job.fold
+    bags, splits = job.bags, job.prep.splits[seed]
+    layout = Layout(options.workdir)
+    folder = sweep_dir(layout, suite.name, method.name, ds.name, tag)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(layout, suite.name, method.name, ds.name, tag)
     if bags.parts["val"].empty:
         raise ConfigError(f"dataset {ds.name!r}: split {splits.path.name} fold {fold} has no validation part, and "
                           "a sweep is scored on validation only; set split.val_fraction > 0 in the suite")
     metric = bags.task.primary_metric
-    study = open_study(storage, study_name(suite.name, method.name, ds.name), seed)
+    study = open_study(storage, study_name(suite.name, method.name, ds.name, tag), seed)
 
     def objective(trial: Any) -> float:
         values = {k: suggest(trial, k, space) for k, space in method.search.items()}
@@ -261,11 +288,15 @@ def run_sweep(suite: Suite, method_name: str, n_trials: int, options: Any, *, da
         trial.set_user_attr("best_epoch", result.best_epoch)
         return float(result.best_value)
 
-    info(f"sweep {study.study_name}: {n_trials} more trial(s) on {ds.name} fold {fold} (val {metric}); "
+    info(f"sweep {study.study_name}: {n_trials} more trial(s) on {ds.name} {tag} (val {metric}); "
          f"storage {_redact(storage)}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), gc_after_trial=True)
     best = summarize_study(study, dataset=ds.name, method=method.name, metric=metric, storage=storage)
+    # what the study saw: a reader (and a test) can check that no test patient of this split was used
+    tuned_on = sorted({str(p) for part in ("train", "val") for p in bags.parts[part]["patient_id"]})
+    best["split"] = {"tag": tag, "path": str(splits.path), "sha256": splits.sha256, "seed": seed, "fold": fold}
+    best["tuned_on_patients"] = tuned_on
     write_json_atomic(folder / "best.json", best)
     write_text_atomic(folder / "trials.csv", study.trials_dataframe().to_csv(index=False))
     return best

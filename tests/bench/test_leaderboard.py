@@ -87,7 +87,7 @@ def board(tmp_path_factory):
         _record(work, "subtyping", "tcga-brca", task, method, frame, infer=infer[method])
     _record(work, "subtyping", "tcga-brca", task, "two-stage/r18/transmil", None,
             error="TrainingError: loss became NaN at epoch 3 | planted")
-    sweep = Layout(work).sweep_dir("subtyping", "two-stage/r18/abmil/tcga-brca")
+    sweep = Layout(work).sweep_dir("subtyping", "two-stage/r18/abmil/tcga-brca/holdout-seed0-fold0")
     sweep.mkdir(parents=True)
     (sweep / "best.json").write_text(json.dumps({
         "metric": "val_auc", "n_trials": 12, "n_complete": 9, "n_pruned": 2, "n_failed": 1, "best_value": 0.9123,
@@ -172,7 +172,7 @@ def test_title_footer_and_sweeps(board):
          "seeds": "0", "folds": "0"}]
     assert "200 patient-level bootstrap resamples" in text
     sweeps = _table_rows(_section(text, "## tcga-brca").split("#### Sweeps")[1])
-    assert sweeps == [{"method": "two-stage/r18/abmil", "trials": "12", "failed": "1", "pruned": "2",
+    assert sweeps == [{"method": "two-stage/r18/abmil", "split": "holdout-seed0-fold0", "trials": "12", "failed": "1", "pruned": "2",
                        "best val_auc": "0.912", "best params": "lr=0.000213, aggregator.dropout=0.25",
                        "importance": "lr 0.80, aggregator.dropout 0.20"}]
 
@@ -443,7 +443,7 @@ def test_golden_leaderboard(tmp_path, monkeypatch):
         _fixed_metadata(run_json, f"bench run --suite {suite} --data-root data")
     damaged = layout.run_dir(suite, "tcga-brca", "two-stage/r18/dsmil", "holdout-seed0-fold0") / "run.json"
     damaged.write_text(damaged.read_text()[:200])  # cut short, as by a full disk
-    sweep = layout.sweep_dir(suite, "two-stage/r18/abmil/tcga-brca")
+    sweep = layout.sweep_dir(suite, "two-stage/r18/abmil/tcga-brca/holdout-seed0-fold0")
     sweep.mkdir(parents=True)
     (sweep / "best.json").write_text(json.dumps({
         "metric": "val_auc", "n_trials": 20, "n_complete": 18, "n_pruned": 1, "n_failed": 1, "best_value": 0.9123,

@@ -184,14 +184,15 @@ def test_sweep_resumes_records_failures_and_feeds_run_params_best(tiny):
     suite = load_suite(path)
     method = "two-stage/resnet18-trunc/abmil"
     options = _options(root)
-    first = run_sweep(suite, method, 3, options, seed=0)
+    first = run_sweep(suite, method, 3, options, seed=0)["holdout-seed0-fold0"]
     assert first["n_trials"] == 3
-    best = run_sweep(suite, method, 3, options, seed=0)  # resumed: same study, three more trials
+    best = run_sweep(suite, method, 3, options, seed=0)["holdout-seed0-fold0"]  # resumed: three more trials
     assert best["n_trials"] == 6
     assert best["n_failed"] >= 1  # dropout 7.0 is refused by the aggregator: a planted failing trial
     assert best["best_params"]["aggregator.dropout"] == 0.1
-    assert read_best(Layout(options.workdir), "tiny", method, "mini")["best_value"] == best["best_value"]
-    trials = Layout(options.workdir).sweep_dir("tiny", f"{method}/mini") / "trials"
+    assert read_best(Layout(options.workdir), "tiny", method, "mini", "holdout-seed0-fold0")["best_value"] == \
+        best["best_value"]
+    trials = Layout(options.workdir).sweep_dir("tiny", f"{method}/mini/holdout-seed0-fold0") / "trials"
     assert not list(trials.rglob("predictions*.csv"))  # trials never predict the test split
 
     report = run_suite(suite.select(methods=[method]), RunOptions(**{**options.__dict__, "params": "best"}))

@@ -96,15 +96,15 @@ def test_bench_train_builds_a_valid_suite():
 
 def test_sweep_files_and_values(tmp_path):
     layout = Layout(tmp_path)
-    assert read_best(layout, "s", "two-stage/r/abmil", "d") is None
-    folder = sweep_dir(layout, "s", "two-stage/r/abmil", "d")
-    assert folder == tmp_path / "sweeps" / "s" / "two-stage" / "r" / "abmil" / "d"
+    assert read_best(layout, "s", "two-stage/r/abmil", "d", "holdout-seed0-fold0") is None
+    folder = sweep_dir(layout, "s", "two-stage/r/abmil", "d", "holdout-seed0-fold0")
+    assert folder == tmp_path / "sweeps" / "s" / "two-stage" / "r" / "abmil" / "d" / "holdout-seed0-fold0"
     folder.mkdir(parents=True)
     (folder / "best.json").write_text("{not json")
     with pytest.raises(DataError, match="damaged"):
-        read_best(layout, "s", "two-stage/r/abmil", "d")
+        read_best(layout, "s", "two-stage/r/abmil", "d", "holdout-seed0-fold0")
     (folder / "best.json").write_text(json.dumps({"best_params": {"lr": 0.01}}))
-    assert read_best(layout, "s", "two-stage/r/abmil", "d")["best_params"] == {"lr": 0.01}
+    assert read_best(layout, "s", "two-stage/r/abmil", "d", "holdout-seed0-fold0")["best_params"] == {"lr": 0.01}
     assert _redact("postgresql://me:secret@db:5432/x") == "postgresql://me:***@db:5432/x"
     assert _redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
     assert _val_value({"val_auc": 0.7, "auc": 0.1}, "auc") == 0.7
