@@ -245,7 +245,7 @@ def run_rank(job: dict[str, Any]) -> None:
 
     from bench.evaluation.training import save_safetensors
     from e2e.gma.core import AggregatorSide, DistTopology, EncoderSide, check_ranks, gma_step
-    from e2e.gma.launch import EventLog, init_distributed, inject_fault, progress_file
+    from e2e.gma.launch import EventLog, ensure_launcher, init_distributed, inject_fault, progress_file
 
     torch.set_num_threads(1)
     device, _ = init_distributed("gloo", float(job["timeout_s"]), "cpu")
@@ -275,6 +275,7 @@ def run_rank(job: dict[str, Any]) -> None:
         opts = _optimizers(encoder, aggregator, problem)
         rec: dict[str, Any] = {}
         for i, (tiles, target) in enumerate(toy_steps(problem)):
+            ensure_launcher(job)  # the launcher is gone: stop (LauncherGone), write nothing
             inject_fault(fault, rank, r, i)
             topo.where = f"run {r}, step {i}"
             for o in opts:
@@ -299,6 +300,7 @@ def run_rank(job: dict[str, Any]) -> None:
         else:
             topo.collect(None)
         if rank in (0, 1):
+            ensure_launcher(job, check_job_file=True)
             save_safetensors(out_dir / f"run{r}-rank{rank}.safetensors", rec)
     dist.barrier()
     dist.destroy_process_group()
@@ -419,6 +421,7 @@ def check_gma(nproc: Sequence[int] = (3, 4), dtypes: Sequence[str] = ("float64",
     with tempfile.TemporaryDirectory(prefix="gma-check-", dir=workdir) as tmp:
         for n in nproc:
             folder = Path(tmp) / f"nproc{n}"
+            # `out` as given (a relative workdir included): run_job writes every path of the job absolute
             job = {"kind": "check", "problem": base.to_dict(), "problem_hash": config_hash(base.to_dict()),
                    "runs": runs, "out": str(folder), "timeout_s": timeout_s, "fault": fault}
             run_job(job, folder, int(n), timeout_s=timeout_s, echo=echo)

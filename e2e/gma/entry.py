@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0") or 0)
     folder: Path | None = None
+    job: dict | None = None
     try:
         if args.job:
             try:
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
             job = job_from_config(Path(args.config))
         folder = Path(job.get("folder") or job["out"])
-        from e2e.gma.launch import torchrun_env
+        from e2e.gma.launch import start_watchdog, torchrun_env
 
         torchrun_env()  # missing rendezvous variables / world size < 2: refuse before building anything
+        start_watchdog(job, rank)  # a job launched by run_job ends with its launcher (and with torchrun)
         if job.get("kind") == "check":
             from e2e.gma.check import run_rank
 
@@ -51,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"GMA job file {args.job} has unknown kind {job.get('kind')!r}; expected train or check")
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent, then re-raised/returned
-        if folder is not None and os.environ.get("WORLD_SIZE"):
-            from e2e.gma.launch import write_error
+        from e2e.gma.launch import ORPHAN_EXIT, LauncherGone, launcher_gone, write_error
 
+        gone = str(exc) if isinstance(exc, LauncherGone) else launcher_gone(job) if isinstance(job, dict) else None
+        if gone:
+            # nobody reads the error any more, and the folder may belong to a later run: write nothing
+            try:
+                print(f"rank {rank}: stopped: {gone}", file=sys.stderr, flush=True)
+            except Exception:  # noqa: BLE001 - the console may be gone with the launcher
+                pass
+            return ORPHAN_EXIT
+        if folder is not None and os.environ.get("WORLD_SIZE"):
             write_error(folder, rank, exc)
         if isinstance(exc, BenchError):
             print(f"rank {rank}: error: {exc}", file=sys.stderr, flush=True)

@@ -16,6 +16,14 @@ epoch events to a callback (Optuna pruning). Three layers stop a broken job:
    `timeout_s + 60` seconds (a hang outside any collective, or a start-up that
    never gets going); the ranks' own timeouts normally fire first.
 
+A job outlives nobody: the job file carries the launching process (`launch`:
+pid, its start time, a nonce); on Linux torchrun gets a parent-death signal
+(SIGTERM, which it forwards to the ranks), and every rank runs a watchdog
+thread that ends the rank when the launcher or torchrun is gone; rank 0 checks
+again before it writes its result. Every path in the job file and on the
+command line is absolute (torchrun starts in the source folder, not the
+caller's).
+
 Each rank that fails writes `errors/rank<r>.json` (type, message, epoch, time);
 the parent turns those and torchrun's failure summary into one error that says
 which rank failed first and why, of the failing rank's own error type
@@ -23,7 +31,8 @@ which rank failed first and why, of the failing rank's own error type
 
 Rank side: `init_distributed` checks the torchrun environment before anything
 is built (missing rendezvous address, world size < 2), `EventLog` and
-`write_error` are the two files ranks write, `inject_fault` is the test hook.
+`write_error` are the two files ranks write, `start_watchdog` / `ensure_launcher` stop
+an orphaned rank, `inject_fault` is the test hook.
 """
 
 from __future__ import annotations
@@ -32,11 +41,13 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -54,6 +65,22 @@ JOB = "job.json"
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # error types a rank may raise that the parent re-raises as themselves (bad input, not a crash)
 _PASS_THROUGH = ("ConfigError", "DataError", "SlideError", "MissingFileError")
+LAUNCH = "launch"  # job key: the process that launched the job (pid, its start time, a nonce)
+# the path fields of a job ("a.b": key b of table a, "a.*": every value of table a); `write_job`
+# makes them absolute, since torchrun runs in the source folder, not in the caller's
+JOB_PATHS = ("out", "folder", "tiles_dirs.*", "bags.split_path", "cohort.root", "cohort.labels", "cohort.slide_dir",
+             "config.weights")
+# path variables of the child's environment made absolute the same way (os.pathsep lists for PYTHONPATH)
+_ENV_PATHS = ("PYTHONPATH", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME")
+WATCH_INTERVAL_S = 1.0  # how often a rank's watchdog looks for its launcher
+ORPHAN_EXIT = 75  # exit status of a rank that stopped because its launcher is gone
+
+
+_BY_HAND = f" (to run this job file by hand with torchrun, delete its {LAUNCH!r} entry)"
+
+
+class LauncherGone(BenchError):
+    """The process that launched this job is gone: a rank stops without writing anything."""
 
 
 # ----------------------------------------------------------------------------- rank side
@@ -178,6 +205,99 @@ def _laggards(folder: Path) -> str | None:
             f"{lead} had reached {seen[lead][1]!r} (a rank that hangs or dies stops first)")
 
 
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of a process from /proc; ("gone", "") if none; None without /proc."""
+    try:
+        data = Path(f"/proc/{int(pid)}/stat").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ("gone", "") if Path("/proc/self/stat").exists() else None
+    except OSError:
+        return None
+    fields = data[data.rfind(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parentheses
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def launcher_info() -> dict[str, Any]:
+    """What a job records about the process that launches it (checked by `launcher_gone`)."""
+    stat = _proc_stat(os.getpid())
+    return {"pid": os.getpid(), "start": stat[1] if stat else None, "host": socket.gethostname(),
+            "nonce": uuid.uuid4().hex, "time": time.time()}
+
+
+def launcher_gone(job: Mapping[str, Any], *, check_job_file: bool = False) -> str | None:
+    """Why the job's launcher is gone (it exited, or its pid now belongs to another process), else None.
+
+    With `check_job_file`, also when the job file in the job's folder now
+    carries another nonce (a newer launch took the folder over). A job without
+    `launch` (torchrun started by hand), or a rank on another host than the
+    launcher (its pid means nothing there), has no launcher to watch: None.
+    """
+    info = job.get(LAUNCH)
+    if not info or info.get("host", socket.gethostname()) != socket.gethostname():
+        return None
+    pid = int(info["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"the process that launched this job (pid {pid}) is gone"
+    except PermissionError:
+        pass  # a process of another user holds the pid: /proc tells it apart below
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, start = stat
+        if state in ("gone", "Z", "X"):
+            return f"the process that launched this job (pid {pid}) has exited"
+        if info.get("start") and start != info["start"]:
+            return f"the process that launched this job (pid {pid}) is gone; the pid now belongs to another process"
+    if check_job_file:
+        path = Path(job.get("folder") or job["out"]) / JOB
+        try:
+            nonce = (json.loads(path.read_text(encoding="utf-8")).get(LAUNCH) or {}).get("nonce")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            nonce = info.get("nonce")  # no readable job file there: nothing says another launch took over
+        if nonce != info.get("nonce"):
+            return f"{path} now belongs to another launch"
+    return None
+
+
+def ensure_launcher(job: Mapping[str, Any], *, check_job_file: bool = False) -> None:
+    """Raise LauncherGone when the job's launcher is gone (call before writing results or weights)."""
+    reason = launcher_gone(job, check_job_file=check_job_file)
+    if reason:
+        raise LauncherGone(f"{reason}; stopping without writing results{_BY_HAND}")
+
+
+def start_watchdog(job: Mapping[str, Any], rank: int, interval: float = WATCH_INTERVAL_S) -> threading.Thread | None:
+    """A daemon thread that ends this rank (exit status ORPHAN_EXIT) once the launcher or its parent is gone.
+
+    The parent is torchrun: if it vanished, this rank was re-parented (its
+    parent pid changed). Nothing is written on the way out (`os._exit`: no
+    cleanup, no finally blocks), so a rank that outlived its job cannot
+    overwrite results of a later one. Jobs without `launch`: no watchdog.
+    """
+    if not job.get(LAUNCH):
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            reason = launcher_gone(job)
+            if reason is None and os.getppid() != parent:
+                reason = f"torchrun (pid {parent}), which started this rank, is gone"
+            if reason:
+                try:
+                    print(f"rank {rank}: {reason}; stopping without writing results{_BY_HAND}", file=sys.stderr,
+                          flush=True)
+                except Exception:  # noqa: BLE001 - the console may be gone with the launcher
+                    pass
+                os._exit(ORPHAN_EXIT)
+
+    thread = threading.Thread(target=watch, name="gma-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def inject_fault(fault: Mapping[str, Any] | None, rank: int, epoch: int, step: int) -> None:
     """Test hook from the job file: {"rank": r | "all", "epoch": e, "step": s, "kind": "kill" | "hang" | "raise"}."""
     if not fault or (fault.get("rank") != "all" and int(fault.get("rank", -1)) != rank):
@@ -197,10 +317,93 @@ def inject_fault(fault: Mapping[str, Any] | None, rank: int, epoch: int, step: i
 # ----------------------------------------------------------------------------- parent side
 
 
+def _absolute(value: Any) -> str:
+    return str(Path(value).expanduser().resolve())
+
+
+def _path_str(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"a GMA job holds {type(value).__name__} {value!r}, which is not JSON")
+
+
+def absolute_job(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `job` with every path field (`JOB_PATHS`) absolute, relative ones taken from the current folder."""
+    out = json.loads(json.dumps(dict(job), default=_path_str))  # a deep copy; Path values become strings
+    for field in JOB_PATHS:
+        *parents, key = field.split(".")
+        table: Any = out
+        for name in parents:
+            table = table.get(name) if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            continue
+        for k in (list(table) if key == "*" else [key]):
+            if table.get(k) not in (None, ""):
+                table[k] = _absolute(table[k])
+    return out
+
+
+def write_job(job: Mapping[str, Any], folder: str | Path) -> Path:
+    """Write `folder/job.json` with absolute paths (`absolute_job`); returns its absolute path."""
+    path = Path(_absolute(folder)) / JOB
+    write_json_atomic(path, absolute_job(job))
+    return path
+
+
 def torchrun_command(job_path: Path, nproc: int) -> list[str]:
-    """The one-node launch (`--standalone` picks a free rendezvous port)."""
+    """The one-node launch (`--standalone` picks a free rendezvous port); the job path made absolute."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
-            "--max-restarts=0", "--monitor-interval=0.2", "-m", "e2e.gma", "--job", str(job_path)]
+            "--max-restarts=0", "--monitor-interval=0.2", "-m", "e2e.gma", "--job", _absolute(job_path)]
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of torchrun and its ranks.
+
+    OMP_NUM_THREADS defaults to 1 (what torchrun would set, with a banner on
+    the console, for more than one process per node); path variables are made
+    absolute; torchrun variables of a parent that itself runs under torchrun
+    are dropped.
+    """
+    out = dict(os.environ if env is None else env)
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    out.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective aborts
+    out.setdefault("OMP_NUM_THREADS", "1")
+    for k in _TORCHRUN_ENV + ("GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        out.pop(k, None)  # a parent started by torchrun must not leak its own ranks
+    for k in _ENV_PATHS:
+        if out.get(k):
+            out[k] = os.pathsep.join(_absolute(p) if p else p for p in out[k].split(os.pathsep))
+    return out
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """preexec_fn for Popen: on Linux the child gets SIGTERM when the launching thread dies (even by SIGKILL).
+
+    torchrun handles SIGTERM by stopping its ranks. The signal follows the
+    thread that started the child, which `run_job` keeps waiting until the job
+    ends. The ctypes function is looked up here, before the fork; the child only
+    calls it. None elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def _kill_session(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -246,7 +449,9 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
     """Run one GMA job to the end; returns its wall-clock seconds.
 
     Args:
-        job: the job (JSON-able); `folder` receives job.json, events.jsonl, errors/.
+        job: the job (JSON-able); `folder` receives job.json, events.jsonl, errors/. Relative
+            paths (`folder` and the job's `JOB_PATHS`) are taken from the current folder and
+            written absolute; the job gets `launch` (this process, see `launcher_gone`).
         nproc: world size (1 aggregator + N encoder ranks).
         timeout_s: the ranks' collective timeout; the parent gives up after
             `timeout_s + slack_s` seconds without any event or output.
@@ -258,20 +463,18 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
         ConfigError / DataError / SlideError: a rank refused its input.
         TrainingError: a rank failed, died or hung, or the job stopped making progress.
     """
+    folder = Path(_absolute(folder))
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [folder / EVENTS, *sorted((folder / ERRORS).glob("rank*.json")),
                   *sorted((folder / PROGRESS).glob("rank*.txt"))]:
         stale.unlink(missing_ok=True)  # a previous attempt's events/errors would confuse this one
-    job_path = folder / JOB
-    write_json_atomic(job_path, dict(job))
-    child_env = dict(os.environ if env is None else env)
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    child_env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective aborts
-    for k in _TORCHRUN_ENV + ("GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
-        child_env.pop(k, None)  # a parent started by torchrun must not leak its own ranks
+    job_path = write_job({**dict(job), LAUNCH: launcher_info()}, folder)
     start = time.monotonic()
+    # cwd: the source root, so that `-m e2e.gma` imports; every path the ranks get is absolute (write_job).
+    # Own session: Ctrl-C in the console reaches the parent only, which stops the job (_kill_session).
     proc = subprocess.Popen(torchrun_command(job_path, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=child_env, cwd=str(Path(__file__).resolve().parents[1]))
+                            start_new_session=True, preexec_fn=_die_with_parent(), env=child_env(env),
+                            cwd=str(Path(__file__).resolve().parents[2]))
     tail: deque[str] = deque(maxlen=300)
     last_activity = [time.monotonic()]
 

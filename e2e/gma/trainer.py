@@ -152,11 +152,10 @@ def train_gma(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], con
     data, source = open_rank_data(config, cohort, tiles_dirs, slide_ids, pixels=False, lesions=False)
     source.close()
     folder = out_dir / JOB_FOLDER
+    # paths as given: run_job makes every path of the job (launch.JOB_PATHS) absolute when it writes the file
     job = {"kind": "train", "config": config.to_dict(), "config_hash": chash, "bags": bags_to_dict(bags),
-           "cohort": cohort_to_dict(cohort),
-           "tiles_dirs": {str(float(m)): str(Path(p).resolve()) for m, p in tiles_dirs.items()},
-           "out": str(Path(out_dir).resolve()), "folder": str(Path(folder).resolve()),
-           "predict_test": bool(predict_test),
+           "cohort": cohort_to_dict(cohort), "tiles_dirs": {str(float(m)): str(p) for m, p in tiles_dirs.items()},
+           "out": str(out_dir), "folder": str(folder), "predict_test": bool(predict_test),
            "fault": dict(fault) if fault else None}
 
     def on_event(event: dict) -> None:
@@ -196,7 +195,7 @@ def _check_models(config: GMAConfig, bags: FoldBags) -> None:
 
 def write_result(folder: Path, raw: Mapping[str, Any]) -> None:
     """Rank 0's result: predictions as CSV, the rest as JSON (read back by `read_result`)."""
-    from bench.common.files import atomic_path, write_json_atomic
+    from bench.common.files import atomic_path, write_text_atomic
 
     for part in ("val", "test"):
         if part in raw:
@@ -204,7 +203,9 @@ def write_result(folder: Path, raw: Mapping[str, Any]) -> None:
                 raw[part].to_csv(tmp, index=False)
     rest = {k: v for k, v in raw.items() if k not in ("val", "test")}
     rest["parts"] = [p for p in ("val", "test") if p in raw]
-    write_json_atomic(folder / "result.json", rest)
+    # NaN allowed (read back by json.loads in `read_result`): infer_seconds_per_slide is NaN without a
+    # test prediction (predict_test=False), and a metric can be NaN
+    write_text_atomic(folder / "result.json", json.dumps(rest, indent=2) + "\n")
 
 
 def read_result(folder: Path) -> dict[str, Any]:
@@ -246,7 +247,7 @@ def run_train_rank(job: Mapping[str, Any]) -> None:
     import torch.distributed as dist
 
     from e2e.gma.core import DistTopology
-    from e2e.gma.launch import EventLog, init_distributed, progress_file
+    from e2e.gma.launch import EventLog, ensure_launcher, init_distributed, progress_file
     from e2e.gma.loop import LoopSetup, train_loop
 
     config = GMAConfig.from_dict(job["config"])
@@ -267,17 +268,29 @@ def run_train_rank(job: Mapping[str, Any]) -> None:
     slide_ids = [s for df in parts.values() for ids in df["slide_ids"] for s in ids]
     data, source = open_rank_data(config, cohort, tiles_dirs, slide_ids, pixels=rank > 0, lesions=rank == 0,
                                   device=device)
+
+    # every step, bag and epoch: stop (LauncherGone, nothing written) when the launcher is gone; the
+    # watchdog thread (start_watchdog) catches it between these calls, e.g. before the weights files
+    def heartbeat(**values: Any) -> None:
+        ensure_launcher(job)
+        if rank == 0:
+            events.heartbeat(**values)
+
+    def on_epoch(epoch: int, values: dict) -> None:
+        ensure_launcher(job)
+        events.write("epoch", epoch=epoch, values=values)
+
     try:
         setup = LoopSetup(config=config, config_hash=job["config_hash"], task=bags.task, parts=bags.parts, data=data,
                           out_dir=Path(job["out"]), predict_test=bool(job["predict_test"]),
-                          on_epoch=(lambda e, v: events.write("epoch", epoch=e, values=v)) if rank == 0 else None,
-                          heartbeat=events.heartbeat if rank == 0 else None, fault=job.get("fault"),
+                          on_epoch=on_epoch if rank == 0 else None, heartbeat=heartbeat, fault=job.get("fault"),
                           enc_group=enc_group)
         topo = DistTopology(device, 0)
         topo.progress_path = progress_file(folder, rank)
         raw = train_loop(topo, device, setup)
         if rank == 0:
             assert raw is not None
+            ensure_launcher(job, check_job_file=True)  # a later launch may have taken the folder over
             write_result(folder, raw)
             events.write("done")
         dist.barrier()
