@@ -356,3 +356,15 @@ def test_reuse_reads_every_row_only_of_files_changed_since_their_extraction(tile
     os.utime(out / f"{jobs[1].slide_id}.h5")  # touched (copied, edited): every row is read
     assert pending_slides(jobs[:2], tiles, out, encoder.spec, "random-init", 0) == []
     assert full_reads == [(jobs[0].slide_id, False), (jobs[1].slide_id, True)]
+
+
+def test_cli_extract_exit_codes_nothing_produced_is_an_error(tiled, tmp_path, capsys):
+    root, tiles, jobs = tiled
+    work = tmp_path / "work"
+    (work / "tiles" / "synth" / "20x-64px").mkdir(parents=True)  # tiled folder, but no slide has coords in it
+    args = ["extract", "--workdir", str(work), "--cohort", str(root), "--dataset", "synth", "--encoder",
+            "resnet18-trunc", "--patch-size", "64", "--random-init", "--input-size", "32", "--workers", "0",
+            "--device", "cpu", "--threads", "1"]
+    assert bench_main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: no feature file of" in err and "20x" in err and "skipped.csv" in err

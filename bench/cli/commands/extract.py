@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "extract patch features with a frozen encoder (two-stage stage one)"
 DESCRIPTION = (
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     source = spec.resolve_weights(args.weights, random_init=args.random_init)
     init_seed = args.seed if args.random_init else None
     encoder = None  # built only when some slide needs it: a rerun over finished slides loads no weights
-    any_done = False
+    empty: list[str] = []  # magnifications that were asked for and produced no feature file
     missing = [layout.tiles_dir(dataset, mag, args.patch_size) for mag in args.magnification
                if not layout.tiles_dir(dataset, mag, args.patch_size).is_dir()]
     if missing:  # one clear message instead of every slide skipped for want of its coords file
@@ -80,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
         if not args.force and not pending_slides(jobs, coords_dir, out_dir, spec, source.weights_id, init_seed,
                                                  float16=args.float16):
             info(f"features of all {len(jobs)} slides in {out_dir} are up to date ({source.weights_id})")
-            any_done = True
-            continue
+            continue  # nothing to do is success
         if encoder is None:
             encoder = spec.build(source, seed=args.seed)
             info(f"encoder {args.encoder}: weights {encoder.weights_id}")
         report = extract_cohort(jobs, coords_dir, out_dir, encoder, options, magnification=mag,
                                 patch_size=args.patch_size)
         summarize(report, out_dir)
-        any_done = any_done or bool(report.done)
-    return 0 if any_done else 1
+        if not report.done:
+            empty.append(f"{mag:g}x ({len(report.skipped)} skipped; reasons in {out_dir / 'skipped.csv'})")
+    # exit codes as every stage: nothing left to do is success; a requested stage that produced nothing is not
+    for what in empty:
+        print(f"error: no feature file of {args.cohort} was extracted at {what}", file=sys.stderr)
+    return 1 if empty else 0
