@@ -34,6 +34,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -50,6 +51,11 @@ _STROMA = np.array([234.0, 168.0, 204.0])
 _HEMATOXYLIN = np.array([72.0, 40.0, 128.0])
 
 
+# (knob, low, high, low end included?): the ranges `SyntheticSpec` accepts
+KNOBS = (("witness_rate", 0.0, 0.9, False), ("lesion_contrast", 0.0, 1.0, True), ("label_noise", 0.0, 0.45, True),
+         ("hazard_strength", 0.0, 10.0, True))
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """Settings of a synthetic cohort (sizes in level-0 pixels at `mpp` um/px)."""
@@ -63,10 +69,30 @@ class SyntheticSpec:
     jpeg_quality: int = 90
     minority_fraction: float = 0.2  # subtyping: share of the second class (0.2 is TCGA-BRCA's ~4:1)
     classes: tuple[str, ...] | None = None  # label names; default IDC/ILC (subtyping), 0..5 (grading)
+    # Planted-effect knobs (None = the kind's default, and the cohort's bytes are those of a spec without
+    # the knob). Their effect on each method family is known in advance; README "Planted effects".
+    witness_rate: float | None = None  # share of the tissue inside lesions (grading: at grade 5; survival: at score 1)
+    lesion_contrast: float | None = None  # 0 = lesion nuclei look normal, 1 = the kind's full morphology (default)
+    label_noise: float | None = None  # share of patients whose recorded label is another class (default 0)
+    hazard_strength: float | None = None  # survival: beta of the hazard exp(beta * lesion score) (default 2.5)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown synthetic kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        for knob, low, high, closed_low in KNOBS:
+            value = getattr(self, knob)
+            if value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                (low <= value if closed_low else low < value) and value <= high)
+            if not ok:
+                raise ConfigError(f"synthetic knob {knob} = {value!r} is out of range: it must be in "
+                                  f"{'[' if closed_low else '('}{low:g}, {high:g}]")
+            object.__setattr__(self, knob, float(value))
+        if self.label_noise is not None and self.kind == "survival":
+            raise ConfigError("synthetic knob label_noise applies to subtyping and grading, not survival")
+        if self.hazard_strength is not None and self.kind != "survival":
+            raise ConfigError(f"synthetic knob hazard_strength applies to survival only, not {self.kind}")
         if not 0 < self.minority_fraction <= 0.5:
             raise ConfigError(f"minority_fraction must be in (0, 0.5], got {self.minority_fraction}")
         if self.classes is not None:
@@ -115,9 +141,26 @@ class SlidePlan:
     n_lesions: int
     lesion_fraction: float  # share of the tissue covered by lesions (before clipping to tissue)
     seed: int
+    recorded_label: int | None = None  # the label written to labels.csv when label noise changed it
 
 
 # --- cohort plan ---------------------------------------------------------------------------
+
+
+def _planted(spec: SyntheticSpec, label: int | None, score: float) -> tuple[Morphology | None, int, float]:
+    """`_lesion_morphology` with the spec's witness rate and lesion contrast applied."""
+    morph, n_lesions, frac = _lesion_morphology(spec.kind, label, score)
+    if morph is None:
+        return morph, n_lesions, frac
+    if spec.witness_rate is not None:
+        top = {"subtyping": 0.10, "grading": 0.03 + 0.035 * 5, "survival": 0.05 + 0.12}[spec.kind]
+        frac = spec.witness_rate * frac / top  # the kind's schedule, rescaled so its top equals the knob
+    if spec.lesion_contrast is not None:
+        c = spec.lesion_contrast  # nuclei blended from normal tissue's (0) to the lesion's (1)
+        morph = Morphology(*(n + c * (m - n) for n, m in zip(
+            (NORMAL.radius_um, NORMAL.aspect, NORMAL.density, NORMAL.darkness),
+            (morph.radius_um, morph.aspect, morph.density, morph.darkness))))
+    return morph, n_lesions, frac
 
 
 def _lesion_morphology(kind: str, label: int | None, score: float) -> tuple[Morphology | None, int, float]:
@@ -157,12 +200,12 @@ def plan_cohort(spec: SyntheticSpec) -> tuple[list[SlidePlan], dict[str, tuple[f
             n = 2 if (i + 1 < spec.n_slides and labels[i + 1] == labels[i] and rng.random() < 0.15) else 1
             for k in range(n):
                 label = int(labels[i + k])
-                morph, n_les, frac = _lesion_morphology(spec.kind, label, 0.0)
+                morph, n_les, frac = _planted(spec, label, 0.0)
                 plans.append(SlidePlan(f"S{i + k:04d}", f"P{patient:04d}", label, float(label), morph, n_les, frac,
                                        int(rng.integers(2**31))))
             i += n
             patient += 1
-        return plans, outcomes
+        return _with_label_noise(spec, plans), outcomes
     # survival: patients with 1-3 slides
     i = patient = 0
     scores = []
@@ -172,13 +215,14 @@ def plan_cohort(spec: SyntheticSpec) -> tuple[list[SlidePlan], dict[str, tuple[f
         scores.append(score)
         pid = f"P{patient:04d}"
         for k in range(n):
-            morph, n_les, frac = _lesion_morphology("survival", None, score)
+            morph, n_les, frac = _planted(spec, None, score)
             plans.append(SlidePlan(f"S{i + k:04d}", pid, None, score, morph, n_les, frac, int(rng.integers(2**31))))
         i += n
         patient += 1
     s = np.asarray(scores)
     # event time ~ Exponential(rate = lambda0 * exp(beta * score)), months
-    rate = 0.02 * np.exp(2.5 * s)
+    beta = 2.5 if spec.hazard_strength is None else spec.hazard_strength
+    rate = 0.02 * np.exp(beta * s)
     event_time = rng.exponential(1.0 / rate)
     # censoring: a random 40% of patients (independent of the score) are lost to follow-up at a
     # uniform time before their event, so the censored share is 40% exactly, within the 30-50% asked for
@@ -188,6 +232,22 @@ def plan_cohort(spec: SyntheticSpec) -> tuple[list[SlidePlan], dict[str, tuple[f
     for p in range(s.size):
         outcomes[f"P{p:04d}"] = (round(float(observed[p]), 2) + 0.01, int(not censored[p]))
     return plans, outcomes
+
+
+def _with_label_noise(spec: SyntheticSpec, plans: list[SlidePlan]) -> list[SlidePlan]:
+    """Record another class for a `label_noise` share of the patients (all their slides); the lesions keep
+    the true class. Its own random stream: without noise the plan is that of a spec without the knob."""
+    if not spec.label_noise:
+        return plans
+    from dataclasses import replace
+
+    rng = np.random.default_rng([spec.seed, 0x401E])
+    patients = sorted({p.patient_id for p in plans})
+    flipped = set(rng.permutation(patients)[: int(round(spec.label_noise * len(patients)))])
+    n_classes = 2 if spec.kind == "subtyping" else 6
+    shift = {pid: int(rng.integers(1, n_classes)) for pid in sorted(flipped)}
+    return [replace(p, recorded_label=(int(p.label) + shift[p.patient_id]) % n_classes)  # type: ignore[arg-type]
+            if p.patient_id in flipped else p for p in plans]
 
 
 # --- geometry maps at mask resolution --------------------------------------------------------
@@ -234,16 +294,33 @@ def make_maps(spec: SyntheticSpec, plan: SlidePlan) -> tuple[np.ndarray, np.ndar
         k = int(rng.integers(ys.size))
         tissue &= _ellipse((h, w), ys[k], xs[k], r, r * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi)) > 1.0
     tissue = _drop_small(tissue, defaults.min_tissue_area_um2 / um_per_px**2)
-    lesion = np.zeros_like(tissue)
     ys, xs = np.nonzero(tissue)
+    blobs = []  # (cy, cx, radius, aspect, angle) of each lesion
     for _ in range(plan.n_lesions if ys.size else 0):
         k = int(rng.integers(ys.size))
         # lesion size relative to the tissue, so small demo slides keep lesions a minority
         r = math.sqrt(plan.lesion_fraction * ys.size / plan.n_lesions / math.pi) * rng.uniform(0.8, 1.2)
         aspect = rng.uniform(0.5, 1.0)
-        blob = _ellipse((h, w), ys[k], xs[k], r / math.sqrt(aspect), r * math.sqrt(aspect), rng.uniform(0, math.pi))
-        lesion |= (blob + 0.3 * noise) < 1.0
-    lesion &= tissue
+        blobs.append((ys[k], xs[k], r, aspect, rng.uniform(0, math.pi)))
+
+    def lesions(scale: float) -> np.ndarray:
+        out = np.zeros_like(tissue)
+        for cy, cx, r, aspect, angle in blobs:
+            rs = r * scale
+            out |= (_ellipse((h, w), cy, cx, rs / math.sqrt(aspect), rs * math.sqrt(aspect), angle) + 0.3 * noise) < 1.0
+        return out & tissue
+
+    lesion = lesions(1.0)
+    if spec.witness_rate is not None and blobs:
+        # a planted witness rate is a measured one: grow or shrink the lesions (same centres and shapes) until
+        # their share of the tissue matches it (overlaps and the tissue border make the nominal size fall short)
+        target, scale = plan.lesion_fraction, 1.0
+        for _ in range(8):
+            got = lesion.sum() / max(tissue.sum(), 1)
+            if abs(got - target) <= 0.02 * target:
+                break
+            scale *= math.sqrt(target / max(got, 1e-6))
+            lesion = lesions(scale)
     texture = 0.94 + 0.08 * ndimage.gaussian_filter(rng.normal(size=(h, w)), sigma=2.0) / 0.2
     return tissue, lesion, np.clip(texture, 0.85, 1.05).astype(np.float32)
 
@@ -491,6 +568,7 @@ def _truth(spec: SyntheticSpec, plan: SlidePlan, tissue: np.ndarray, lesion: np.
         "tissue_area_px": float(tissue[crop].sum()) * ds * ds,
         "tissue_fraction": float(tissue[crop].mean()),
         "lesion_fraction_of_tissue": float(lesion[crop].sum() / max(tissue[crop].sum(), 1)),
+        **({"recorded_label": plan.recorded_label} if plan.recorded_label is not None else {}),
     }
 
 
@@ -508,7 +586,9 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path, *, workers: int = 1) -
         raise ConfigError(f"synthetic cohort workers must be a positive integer, got {workers!r}")
     out_dir = Path(out_dir)
     manifest_path = out_dir / "cohort.json"
-    settings = json.loads(json.dumps(asdict(spec)))  # tuples as lists, as read back from cohort.json
+    # tuples as lists, as read back from cohort.json; knobs left at None are not settings (older cohorts match)
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(spec))).items()
+                if not (v is None and k in dict((knob, 0) for knob, *_ in KNOBS))}
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get("generator") != settings:
@@ -554,7 +634,8 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path, *, workers: int = 1) -
     else:
         rows.append("slide_id,patient_id,label")
         classes = list(spec.classes or (("IDC", "ILC") if spec.kind == "subtyping" else [str(g) for g in range(6)]))
-        rows += [f"{p.slide_id},{p.patient_id},{classes[p.label]}" for p in plans]  # type: ignore[index]
+        rows += [f"{p.slide_id},{p.patient_id},{classes[p.label if p.recorded_label is None else p.recorded_label]}"
+                 for p in plans]
     write_text_atomic(out_dir / "labels.csv", "\n".join(rows) + "\n")
     write_json_atomic(manifest_path, {
         "name": out_dir.name,
@@ -564,9 +645,24 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path, *, workers: int = 1) -
         "synthetic": True,
         "mask_downsample": spec.mask_downsample,
         "generator": settings,
+        **({"planted": planted_effects(spec)} if planted_effects(spec) else {}),
         "truth": truth,
     })
     return out_dir
+
+
+def planted_effects(spec: SyntheticSpec) -> dict[str, dict[str, Any]]:
+    """The knobs a cohort was made with, each with the consequence it plants (written to cohort.json)."""
+    expected = {
+        "witness_rate": "the lower, the fewer patches carry the label: mean pooling falls toward chance first, "
+                        "attention MIL (instance selection) holds out longer",
+        "lesion_contrast": "the lower, the subtler the lesion nuclei: a frozen random-init encoder separates them "
+                           "worse, so training the encoder end-to-end helps more",
+        "label_noise": "the share of recorded labels that contradict the lesions: every method's ceiling drops to "
+                       "about 1 - noise",
+        "hazard_strength": "how strongly risk rises with lesion burden: 0 makes every C-index 0.5 in expectation",
+    }
+    return {k: {"value": getattr(spec, k), "expected": expected[k]} for k, *_ in KNOBS if getattr(spec, k) is not None}
 
 
 # --- ground truth for attention scoring -------------------------------------------------------------

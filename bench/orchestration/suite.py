@@ -296,7 +296,8 @@ _METHOD = ("name", "paradigm", "encoder", "encoders", "aggregator", "aggregators
 _DEMO = ("description", "seeds", "defaults", "datasets", "methods")
 _TILING = ("magnification", "patch_size", "input_size", "scales")
 _SPLIT = ("protocol", "ratios", "val_fraction", "folds", "repeats", "time_bins")
-_SYNTH = ("kind", "n_slides", "width", "height", "mpp", "seed", "minority_fraction")
+_SYNTH = ("kind", "n_slides", "width", "height", "mpp", "seed", "minority_fraction", "witness_rate", "lesion_contrast",
+          "label_noise", "hazard_strength")
 
 
 def parse_suite(raw: Mapping[str, Any], *, source: str = "<suite>", demo: bool = False) -> Suite:
