@@ -477,6 +477,7 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
                             cwd=str(Path(__file__).resolve().parents[2]))
     tail: deque[str] = deque(maxlen=300)
     last_activity = [time.monotonic()]
+    stopping = threading.Event()  # set when this process stops the job: torchrun's shutdown noise is not echoed
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -484,7 +485,7 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
             tail.append(line)
             last_activity[0] = time.monotonic()
-            if echo:
+            if echo and not stopping.is_set():
                 print(f"[gma] {line}", file=sys.stderr, flush=True)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -506,12 +507,14 @@ def run_job(job: Mapping[str, Any], folder: Path, nproc: int, *, timeout_s: floa
                 break
             idle = time.monotonic() - last_activity[0]
             if idle > limit:
+                stopping.set()
                 _kill_session(proc)
                 raise TrainingError(
                     f"GMA job made no progress for {idle:.0f} s (limit {limit:.0f} s from timeout_s={timeout_s:g}) "
                     f"and was stopped; a rank hangs outside any collective. Last output:\n" + _last(tail))
             time.sleep(0.2)
     except BaseException:
+        stopping.set()  # Ctrl-C, a pruned trial, a failure: the ranks' tracebacks from our SIGTERM are noise
         _kill_session(proc)
         raise
     reader.join(timeout=10)
