@@ -40,6 +40,10 @@ bags are cached. A checkpoint is written after every epoch into
 `out_dir/checkpoint/` (tagged with the config hash, split sha256 and fold); a
 rerun with the same config resumes from it and gives the same weights as an
 uninterrupted run (each epoch reseeds torch); it is removed after a successful run.
+
+Attention maps: the test prediction also writes `out_dir/attention.h5` (per test slide its attention,
+per-head attention, the coords of the feature file and the patch geometry; format in
+`bench.evaluation.heatmaps`) for every aggregator with attention, i.e. all but mean/max pooling.
 """
 
 from __future__ import annotations
@@ -213,6 +217,7 @@ class BagFeatures:
         self.cached = bool(cache) and self.nbytes <= max_cache_gb * 2**30
         self.pin = pin
         self.coords: dict[str, np.ndarray] = {}
+        self.geometry: dict[str, tuple[int, float]] = {}  # slide -> (patch size at level 0, magnification)
         self._memory: dict[tuple[str, ...], torch.Tensor] = {}
         if self.cached:
             for bag in dict.fromkeys(bags):
@@ -234,6 +239,10 @@ class BagFeatures:
                 raise DataError(f"slide {slide!r}: features {f.features.shape} changed since the run started "
                                 f"({self.sizes[slide]}, {self.dim}); was it re-extracted meanwhile?")
             self.coords[slide] = f.coords
+            if slide not in self.geometry:
+                from bench.evaluation.heatmaps import patch_geometry
+
+                self.geometry[slide] = patch_geometry(f.attrs, f.coords)
             feats.append(f.features)
         x = torch.from_numpy(feats[0] if len(feats) == 1 else np.concatenate(feats))[None]  # (1, N, D)
         return x.pin_memory() if self.pin else x
@@ -326,10 +335,15 @@ class TwoStageLoop:
         except DataError as exc:  # check_bag's message knows the batch position, not the bag
             raise DataError(f"bag {bag_id!r}: {exc}") from None
 
-    def predict(self, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray], float]:
-        """(logits (B, K), attention per bag (N,), seconds of aggregator forward) in eval mode."""
+    def predict(self, frame: pd.DataFrame, heads: list[np.ndarray | None] | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray], float]:
+        """(logits (B, K), attention per bag (N,), seconds of aggregator forward) in eval mode.
+
+        With a list as `heads`, each bag's per-head attention (H, N) (None for single-head models) is appended.
+        """
         import torch
 
+        from bench.evaluation.heatmaps import head_rows
         from bench.evaluation.training import autocast
 
         self.model.eval()
@@ -346,6 +360,8 @@ class TwoStageLoop:
                     logits.append(out.logits.float()[0].cpu().numpy())  # (K,), synchronises
                     seconds += time.perf_counter() - t0
                     attention.append(out.attention.float()[0].cpu().numpy())  # (N,)
+                    if heads is not None:
+                        heads.append(head_rows(out.head_attention))  # (H, N) or None
         finally:
             self.model.train()
         k = int(self.task.n_outputs)
@@ -357,7 +373,7 @@ class TwoStageLoop:
 
 def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoStageConfig, out_dir: Path, *,
                     instance_labels: InstanceLabels | None = None, epoch_callback: EpochCallback | None = None,
-                    predict_test: bool = True) -> TrainResult:
+                    predict_test: bool = True, cohort: Any = None) -> TrainResult:
     """Train `config.aggregator` on the feature bags of one fold (see the module docstring).
 
     Args:
@@ -368,6 +384,8 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
         epoch_callback: called after every epoch with (epoch, history row); its exceptions propagate
             (Optuna's TrialPruned), the epoch's checkpoint is already written.
         predict_test: False for sweeps: the test bags are never read; predictions hold "val" only.
+        cohort: the cohort (`bench.data.cohort.Cohort`), optional: attention.h5 then records the cohort folder
+            and each slide's file, so `bench heatmap` finds the slides wherever the cohort lives.
 
     Raises:
         DataError: a slide without a (readable, finite, non-empty) feature file, feature
@@ -483,12 +501,16 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
         "task": task.to_dict()})
     predictions: dict[str, pd.DataFrame] = {}
     timed: dict[str, tuple[list[np.ndarray], float]] = {}
+    maps = has_attention_map(model)
     for p in ("val", "test"):
         if p in parts and targets[p] is not None:
-            logits, attention, seconds = loop.predict(parts[p])
+            heads: list[np.ndarray | None] | None = [] if p == "test" and maps else None
+            logits, attention, seconds = loop.predict(parts[p], heads=heads)
             predictions[p] = task.prediction_frame(parts[p]["bag_id"], parts[p]["patient_id"], targets[p],
                                                    task.scores(logits))
             timed[p] = (attention, seconds)
+            if heads is not None:
+                _write_attention_maps(out_dir, parts[p], attention, heads, store, config, cohort, extra)
     scored = "test" if "test" in timed else ("val" if "val" in timed else None)
     extra["attention_split"] = scored
     attention_stats: dict[str, Any] = {}
@@ -511,6 +533,42 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     return TrainResult(predictions=predictions, history=history, best_epoch=best_epoch, best_value=best_value,
                        weights={"aggregator": weights}, costs=costs.to_dict(), attention=attention_stats,
                        params=config.to_dict(), extra=extra)
+
+
+def has_attention_map(model: Any) -> bool:
+    """Whether an aggregator's attention is worth a heatmap: every one but mean/max pooling, whose
+    `attention` is only the pooling's weights (uniform, or the share of maxima), not a learned score."""
+    from baselines.mil.pooling import MaxPoolMIL, MeanPoolMIL
+
+    return not isinstance(model, (MeanPoolMIL, MaxPoolMIL))
+
+
+def _write_attention_maps(out_dir: Path, frame: pd.DataFrame, attention: list[np.ndarray],
+                          heads: list[np.ndarray | None], store: BagFeatures, config: TwoStageConfig, cohort: Any,
+                          extra: dict[str, Any]) -> None:
+    """attention.h5 of the test bags (split per slide); a failure is noted in `extra`, never fails the run."""
+    from bench.common.errors import BenchError, WriteError
+    from bench.evaluation.heatmaps import ATTENTION_FILE, SlideGeometry, bag_attention, write_attention
+
+    def geometry(slide: str) -> SlideGeometry:
+        ps0, mag = store.geometry[slide]
+        path = mpp = None
+        if cohort is not None:
+            try:
+                path, mpp = str(cohort.slide_path(slide)), cohort.slide_mpp(slide)
+            except DataError:
+                pass
+        return SlideGeometry(store.coords[slide], ps0, mag, path, mpp)
+
+    try:
+        slides = [s for bag_id, ids, a, h in zip(frame["bag_id"], frame["slide_ids"], attention, heads)
+                  for s in bag_attention(str(bag_id), list(ids), a, h, geometry)]
+        write_attention(out_dir / ATTENTION_FILE, slides, aggregator=config.aggregator, paradigm="two-stage",
+                        cohort_root=None if cohort is None else str(Path(cohort.root).resolve()))
+    except WriteError:
+        raise
+    except (BenchError, KeyError) as exc:
+        extra["attention_maps"] = f"not written: {type(exc).__name__}: {exc}"
 
 
 def _validate(loop: TwoStageLoop, frame: pd.DataFrame, targets: Any) -> dict[str, Any]:
@@ -583,4 +641,4 @@ def _with_extraction(costs: Any, bags: FoldBags, parts: Mapping[str, Any], score
     return costs.with_feature_extraction(seconds, fit_slides=fit, test_slides=test)
 
 
-__all__ = ["PARAM_KEYS", "TwoStageConfig", "BagFeatures", "TwoStageLoop", "train_two_stage"]
+__all__ = ["PARAM_KEYS", "TwoStageConfig", "BagFeatures", "TwoStageLoop", "has_attention_map", "train_two_stage"]

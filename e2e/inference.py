@@ -5,7 +5,8 @@ on the whole bag (ABMILX paper, section 4 "inference"; its A+ runs as one SDPA c
   patches per encoder forward, the next chunk read (and on CPU transformed) in a
   background thread while the current one is encoded. The encoder runs in eval mode
   (BatchNorm running statistics), so chunked and one-shot encoding agree.
-- `predict_part`: predictions, attention and timing for a part of the split (val, test).
+- `predict_part`: predictions, attention (per bag, and with `keep_heads` per head) and timing for a part
+  of the split (val, test), with the slides each predicted bag was built from (for attention maps).
 - `step_flops`: forward FLOPs of one training step for `n` sampled patches (the paper's
   Table 6 uses 512 patches at 224 px).
 - `fixed_inference_benchmark`: the paper's fixed inference benchmark, 10,000 patches of
@@ -89,27 +90,36 @@ class PartPrediction:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason)
     seconds_per_slide: float = float("nan")
     loss: float = float("nan")
+    slides: list[list[str]] = field(default_factory=list)  # per predicted bag: the slides encoded, in bag order
+    heads: list[np.ndarray | None] = field(default_factory=list)  # per predicted bag (H, N_b), with keep_heads
 
 
 def predict_part(encoder: torch.nn.Module, aggregator: torch.nn.Module, transform: Any, part: Any, task: Any,
                  source: Any, magnification: float, *, chunk: int, device: torch.device,
-                 precision: str = "fp32") -> PartPrediction:
+                 precision: str = "fp32", keep_heads: bool = False) -> PartPrediction:
     """Predict every bag of `part` (a FoldBags part table) from all its patches at `magnification`.
 
     A bag whose slides cannot be read loses those slides; a bag left without patches is
-    not predicted and its slides are listed in `skipped` (batch work goes on).
+    not predicted and its slides are listed in `skipped` (batch work goes on). The attention
+    of a bag covers the patches of `PartPrediction.slides` of that bag, concatenated in order
+    (the rows of `source.coords`); `keep_heads` also keeps the per-head attention.
     """
+    from bench.evaluation.heatmaps import head_rows
+
     targets = task.targets_from_frame(part) if len(part) else None
     logits, positions, attention, skipped = [], [], [], []
+    bag_slides: list[list[str]] = []
+    heads: list[np.ndarray | None] = []
     n_slides = 0
     t0 = time.perf_counter()
     with eval_mode(encoder, aggregator):
         for pos, slide_ids in enumerate(part["slide_ids"]):
-            feats = []
+            feats, encoded = [], []
             for s in slide_ids:
                 try:
                     feats.append(encode_slide(encoder, transform, source, s, magnification, chunk=chunk,
                                               device=device, precision=precision))
+                    encoded.append(str(s))
                     n_slides += 1
                 except (SlideError, MissingFileError) as exc:
                     skipped.append((s, str(exc)))
@@ -121,15 +131,19 @@ def predict_part(encoder: torch.nn.Module, aggregator: torch.nn.Module, transfor
             logits.append(out.logits.float().cpu().numpy()[0])
             attention.append(out.attention.float().cpu().numpy()[0])
             positions.append(pos)
+            bag_slides.append(encoded)
+            if keep_heads:
+                heads.append(head_rows(out.head_attention))
     seconds = (time.perf_counter() - t0) / max(1, n_slides)
     if not positions:
-        return PartPrediction(None, np.zeros((0, 0)), [], [], skipped, seconds)
+        return PartPrediction(None, np.zeros((0, 0)), [], [], skipped, seconds, slides=[], heads=[])
     z = np.stack(logits)  # (B, C)
     sub = targets.subset(np.asarray(positions)) if targets is not None else None
     rows = part.iloc[positions]
     frame = task.prediction_frame(rows["bag_id"], rows["patient_id"], sub, task.scores(z))
     loss = float(task.loss(torch.from_numpy(z), sub.to_torch()))
-    return PartPrediction(frame, z, positions, attention, skipped, seconds, loss)
+    return PartPrediction(frame, z, positions, attention, skipped, seconds, loss, slides=bag_slides,
+                          heads=heads if keep_heads else [])
 
 
 def step_flops(encoder: torch.nn.Module, aggregator: torch.nn.Module, n_patches: int, input_size: int) -> int:

@@ -4,6 +4,9 @@ Randomness: every item of the data path is a function of (seed, epoch, step, bag
 (`e2e.batches`) and torch is reseeded from (seed, epoch) at every epoch (dropout), so
 a run is the same on CPU for a fixed seed, with any number of workers, and a resumed
 run continues exactly as an uninterrupted one.
+
+The test prediction writes `out_dir/attention.h5` (attention of every test slide at the main scale, over all
+its patches; `bench.evaluation.heatmaps`) for aggregators with attention (all but mean/max pooling).
 """
 
 from __future__ import annotations
@@ -35,6 +38,39 @@ def _attention_stats(part: Any, pred: Any, lesions: Callable[[str], Any] | None)
         y = None if not per or any(p is None for p in per) else np.concatenate([np.asarray(p) for p in per])
         labels.append(y if y is not None and y.shape[0] == a.shape[0] else None)
     return summarize_attention(pred.attention, labels if any(y is not None for y in labels) else None)
+
+
+def write_attention_maps(out_dir: Path, part: Any, pred: Any, source: Any, magnification: float, cohort: Any,
+                         aggregator: str, paradigm: str = "e2e") -> str | None:
+    """attention.h5 of the predicted test bags (split per slide); returns why it was not written, or None.
+
+    The attention of a bag runs over the patches of its slides at `magnification` (every row of the source's
+    coords), concatenated in bag order (`PartPrediction.slides`).
+    """
+    from bench.common.errors import BenchError, WriteError
+    from bench.evaluation.heatmaps import ATTENTION_FILE, SlideGeometry, bag_attention, write_attention
+
+    def geometry(slide: str) -> SlideGeometry:
+        size = int(source.patch_size_level0(slide, magnification))  # LiveSource and PackedSource have it
+        path = mpp = None
+        try:
+            path, mpp = str(cohort.slide_path(slide)), cohort.slide_mpp(slide)
+        except (AttributeError, DataError):
+            pass
+        return SlideGeometry(np.asarray(source.coords(slide, magnification)), size, float(magnification), path, mpp)
+
+    heads = pred.heads or [None] * len(pred.attention)
+    try:
+        slides = [s for pos, ids, a, h in zip(pred.positions, pred.slides, pred.attention, heads)
+                  for s in bag_attention(str(part.iloc[pos]["bag_id"]), ids, a, h, geometry)]
+        root = getattr(cohort, "root", None)
+        write_attention(Path(out_dir) / ATTENTION_FILE, slides, aggregator=aggregator, paradigm=paradigm,
+                        cohort_root=None if root is None else str(Path(root).resolve()))
+    except WriteError:
+        raise
+    except (BenchError, AttributeError, KeyError) as exc:
+        return f"not written: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _val_row(task: Any, part: Any, pred: Any, lesions: Any) -> tuple[dict[str, Any], str | None]:
@@ -77,6 +113,7 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
                  predict_test: bool, pack_skipped: list, select_note: Any) -> TrainResult:
     from baselines.encoders import build_encoder
     from baselines.mil import build_aggregator
+    from baselines.train import has_attention_map
     from bench.evaluation.costs import Costs, PeakMemory, count_parameters, device_name
     from bench.evaluation.training import (
         CHECKPOINT_DIR, Checkpoint, ModelSelector, autocast, check_finite, cosine_schedule, make_optimizer, resolve_device,
@@ -249,10 +286,15 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
         infer, attention = math.nan, {}
     if predict_test:
         test = bags.parts["test"]
+        maps = has_attention_map(aggregator)
         pred = predict_part(encoder, aggregator, loaded.transform, test, task, source, c.magnification,
-                            chunk=c.infer_chunk, device=device, precision=precision)
+                            chunk=c.infer_chunk, device=device, precision=precision, keep_heads=maps)
         if pred.frame is not None:
             predictions["test"] = pred.frame
+        if maps and pred.positions:
+            why = write_attention_maps(out_dir, test, pred, source, c.magnification, cohort, c.aggregator)
+            if why:
+                extra["attention_maps"] = why
         infer = pred.seconds_per_slide
         attention = {**_attention_stats(test, pred, lesions), "split": "test"}
         if pred.skipped:
@@ -269,4 +311,4 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
                        params=c.to_dict(), extra=extra)
 
 
-__all__ = ["run_training"]
+__all__ = ["run_training", "write_attention_maps"]

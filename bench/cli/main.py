@@ -30,6 +30,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("run", "bench.cli.commands.run"),
     ("leaderboard", "bench.cli.commands.leaderboard"),
     ("runs", "bench.cli.commands.runs"),
+    ("heatmap", "bench.cli.commands.heatmap"),
 )
 
 

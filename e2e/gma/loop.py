@@ -21,7 +21,9 @@ trains the aggregator, ranks 1..N the encoder under DDP) and, with a
 At the end the selected weights are restored, validation and test are
 predicted once (test only with `predict_test`), weights are written to
 `encoder.safetensors` / `aggregator.safetensors` and rank 0 assembles costs
-with every rank's step time, communication time and peak memory.
+with every rank's step time, communication time and peak memory. Rank 0 also
+writes `attention.h5` (the test slides' attention over all their patches,
+`bench.evaluation.heatmaps`) for aggregators with attention (not mean/max).
 
 Randomness: torch is reseeded from (seed, epoch, rank) at every epoch, so a
 resumed job continues exactly as an uninterrupted one would.
@@ -54,12 +56,17 @@ class RankData:
         counts: slide id -> number of patches at the training magnification.
         pixels: PixelFn (slide id, indices) -> (n, 3, S, S) float tensor; None on rank 0.
         lesions: (slide id) -> (N,) 0/1 instance labels or None (real data), for attention statistics.
+        geometry: (slide id) -> `bench.evaluation.heatmaps.SlideGeometry` (coords of the rows of its bag,
+            patch size, slide file), rank 0 only: for attention.h5; None writes no attention maps.
+        cohort_root: the cohort folder, recorded in attention.h5.
     """
 
     counts: Mapping[str, int]
     pixels: Callable[[str, np.ndarray], Any] | None
     lesions: Callable[[str], Any] | None = None
     transform: Callable[[Any], Any] | None = None  # applied on the device after the copy (CUDA: uint8 pixels)
+    geometry: Callable[[str], Any] | None = None
+    cohort_root: str | None = None
 
 
 @dataclass
@@ -205,9 +212,11 @@ class Checkpoints:
 
 
 def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any, device: Any, precision: str,
-                 heartbeat: Callable[..., None] | None = None, attention: bool = False
-                 ) -> tuple[np.ndarray | None, list[np.ndarray]]:
+                 heartbeat: Callable[..., None] | None = None, attention: bool = False,
+                 heads: list[np.ndarray | None] | None = None) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Logits (B, C) of every bag of `frame` on rank 0 (None elsewhere), + attention per bag if asked.
+
+    With a list as `heads`, rank 0 appends each bag's per-head attention (H, N) (None for single-head models).
 
     Every patch of every slide is encoded in chunks without gradients, the
     shares spread over the encoder ranks; rank 0 runs the aggregator on the
@@ -215,6 +224,7 @@ def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any
     """
     import torch
 
+    from bench.evaluation.heatmaps import head_rows
     from bench.evaluation.training import autocast
     from e2e.gma.core import all_tiles, encode_all
 
@@ -232,6 +242,8 @@ def predict_bags(topo: Any, frame: Any, data: RankData, enc: Any, agg_model: Any
             logits.append(out.logits.float().cpu().numpy()[0])
             if attention:
                 attn.append(out.attention.float().cpu().numpy()[0])
+            if heads is not None:
+                heads.append(head_rows(out.head_attention))
             if heartbeat is not None:
                 heartbeat(bag=b)
     if not topo.is_aggregator:
@@ -416,14 +428,22 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
         if topo.distributed:
             topo.where = "test prediction"
         t0 = time.perf_counter()
+        from baselines.train import has_attention_map
+
+        maps = rank == 0 and setup.data.geometry is not None and has_attention_map(agg_model)
+        heads: list[np.ndarray | None] | None = [] if maps else None
         logits, attention = predict_bags(topo, test, setup.data, enc, agg_model, device, c.precision,
-                                         setup.heartbeat, attention=True)
+                                         setup.heartbeat, attention=True, heads=heads)
         n_slides = sum(len(s) for s in test["slide_ids"])
         infer_seconds = (time.perf_counter() - t0) / max(1, n_slides)
         if rank == 0:
             targets = task.targets_from_frame(test)
             result["test"] = task.prediction_frame(test["bag_id"], test["patient_id"], targets, task.scores(logits))
             result["attention"] = summarize_test_attention(test, attention, setup.data)
+            if heads is not None:
+                why = write_attention_maps(setup.out_dir, test, attention, heads, setup.data, c.aggregator)
+                if why:
+                    result["attention_maps"] = why
     from bench.evaluation.training import save_safetensors
 
     meta = {"config_hash": setup.config_hash, "best_epoch": selector.best_epoch}
@@ -461,6 +481,25 @@ def train_loop(topo: Any, device: Any, setup: LoopSetup) -> dict[str, Any] | Non
         last_epoch=epoch,
     )
     return result
+
+
+def write_attention_maps(out_dir: Path, test: Any, attention: Sequence[np.ndarray],
+                         heads: Sequence[np.ndarray | None], data: RankData, aggregator: str) -> str | None:
+    """Rank 0: attention.h5 of the test bags (split per slide); returns why it was not written, or None."""
+    from bench.common.errors import BenchError, WriteError
+    from bench.evaluation.heatmaps import ATTENTION_FILE, bag_attention, write_attention
+
+    assert data.geometry is not None
+    try:
+        slides = [s for bag_id, ids, a, h in zip(test["bag_id"], test["slide_ids"], attention, heads)
+                  for s in bag_attention(str(bag_id), list(ids), a, h, data.geometry)]
+        write_attention(Path(out_dir) / ATTENTION_FILE, slides, aggregator=aggregator, paradigm="gma",
+                        cohort_root=data.cohort_root)
+    except WriteError:
+        raise
+    except (BenchError, KeyError) as exc:
+        return f"not written: {type(exc).__name__}: {exc}"
+    return None
 
 
 def summarize_test_attention(test: Any, attention: Sequence[np.ndarray], data: RankData) -> dict[str, Any]:

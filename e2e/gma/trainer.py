@@ -48,7 +48,8 @@ from e2e.gma.config import (JOB_FOLDER, GMAConfig, bags_from_dict, bags_to_dict,
 
 def open_rank_data(config: GMAConfig, cohort: Any, tiles_dirs: Mapping[float, Path], slide_ids: list[str], *,
                    pixels: bool, lesions: bool, device: Any = None) -> tuple[Any, Any]:
-    """(RankData, source) for the slides: patch counts; pixels for encoder roles; lesion labels for rank 0.
+    """(RankData, source) for the slides: patch counts; pixels for encoder roles; lesion labels and the
+    patch geometry of attention maps for rank 0 (`lesions`).
 
     On CUDA the pixels travel as uint8 (4x fewer bytes) and are normalised on the
     GPU (`RankData.transform`); on CPU the reader normalises them, in the
@@ -100,7 +101,24 @@ def open_rank_data(config: GMAConfig, cohort: Any, tiles_dirs: Mapping[float, Pa
         def lesion_fn(slide_id: str) -> Any:
             return labeler(slide_id, source.coords(slide_id, mag))
 
-    return RankData(counts=counts, pixels=pixel_fn, lesions=lesion_fn, transform=on_device), source
+    geometry_fn, cohort_root = None, None
+    if lesions:  # rank 0 (or the chunked mode's one process): what attention.h5 records per slide
+        from bench.evaluation.heatmaps import SlideGeometry
+
+        root = getattr(cohort, "root", None)
+        cohort_root = None if root is None else str(Path(root).resolve())
+
+        def geometry_fn(slide_id: str) -> Any:
+            path = mpp = None
+            try:
+                path, mpp = str(cohort.slide_path(slide_id)), cohort.slide_mpp(slide_id)
+            except (AttributeError, DataError):
+                pass
+            return SlideGeometry(source.coords(slide_id, mag), int(source.patch_size_level0(slide_id, mag)), mag,
+                                 path, mpp)
+
+    return RankData(counts=counts, pixels=pixel_fn, lesions=lesion_fn, transform=on_device,
+                    geometry=geometry_fn, cohort_root=cohort_root), source
 
 
 # ----------------------------------------------------------------------------- train_gma
@@ -236,7 +254,8 @@ def _train_result(raw: Mapping[str, Any], config: GMAConfig, out_dir: Path) -> T
         weights={"encoder": out_dir / "encoder.safetensors", "aggregator": out_dir / "aggregator.safetensors"},
         costs=costs.to_dict(), attention=dict(raw.get("attention") or {}), params=config.to_dict(),
         extra={"ranks": raw["ranks"], "mode": config.mode, "world_size": len(raw["ranks"]),
-               "tiles_per_step": config.tiles, "last_epoch": raw.get("last_epoch"), "versions": software_versions()})
+               "tiles_per_step": config.tiles, "last_epoch": raw.get("last_epoch"), "versions": software_versions(),
+               **({"attention_maps": raw["attention_maps"]} if raw.get("attention_maps") else {})})
 
 
 # ----------------------------------------------------------------------------- one rank of a train job
