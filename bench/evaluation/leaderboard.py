@@ -764,6 +764,12 @@ def _dataset_section(recs: Sequence[RunRecord], unreadable: Sequence[Unreadable]
         links = [f"![{dataset}: {what}]({path.relative_to(out_dir).as_posix()})" for what, path in plots if path]
         if links:
             lines += ["", *links]
+        heatmaps = sorted((plot_dir / "heatmaps" / dataset).glob("*/*.png"))  # `bench run` draws them first
+        if heatmaps:
+            lines += ["", "Attention heatmaps (test slides; per-patch attention over the thumbnail, lesion truth "
+                      "outlined on synthetic cohorts; `bench heatmap RUN_DIR` draws more): " + ", ".join(
+                          f"[{p.parent.name.replace('_', '/')} {p.stem}]({p.relative_to(out_dir).as_posix()})"
+                          for p in heatmaps)]
     else:
         lines.append("No run of this dataset finished.")
     if failed:

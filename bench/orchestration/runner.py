@@ -342,7 +342,7 @@ def train_method(prep: PreparedDataset, method: MethodSpec, params: Mapping[str,
         files = {s: features.folder / f"{s}.h5" for s in bags.slide_ids()}
         lesions = prep.cohort.lesion_labeler(prep.tiles[(ds.two_stage.magnification, ds.two_stage.patch_size)])
         return train_two_stage(bags, files, config, out_dir, instance_labels=lesions, epoch_callback=epoch_callback,
-                               predict_test=predict_test)
+                               predict_test=predict_test, cohort=prep.cohort)
     tiles_dirs = {mag: prep.tiles[(mag, ds.e2e.patch_size)] for mag in ds.e2e.magnifications
                   if (mag, ds.e2e.patch_size) in prep.tiles}
     if method.paradigm == "e2e":
@@ -611,8 +611,12 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
                 for fold in folds:
                     report.outcomes.append(run_one(suite, prep, method, seed, fold, options, timer, feature_cache))
     if options.leaderboards is not None:
+        from bench.evaluation.heatmaps import heatmaps_for_suite
         from bench.evaluation.leaderboard import build_leaderboard
 
+        with timer.stage("heatmaps"):  # one test slide per method and dataset; the leaderboard links them
+            heatmaps_for_suite([o.run_dir for o in report.outcomes if o.status in ("ok", "cached")],
+                               Path(options.leaderboards) / suite.name, max_slides=1)
         with timer.stage("leaderboard"):
             report.leaderboard = build_leaderboard(
                 Path(options.workdir), suite.name, Path(options.leaderboards), synthetic=suite.demo,

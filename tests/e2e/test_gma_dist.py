@@ -28,6 +28,7 @@ def test_bench_check_gma_passes_for_1_plus_2_processes_in_float64(capsys):
     assert "PASS" in out
 
 
+@pytest.mark.slow  # fault injection (a killed / hung rank): run with -m slow
 def test_a_killed_encoder_rank_ends_the_job_with_a_clear_error_within_the_timeout():
     from e2e.gma.check import CheckProblem, check_gma
 
@@ -40,6 +41,7 @@ def test_a_killed_encoder_rank_ends_the_job_with_a_clear_error_within_the_timeou
     assert "rank 2" in message and "SIGKILL" in message, message
 
 
+@pytest.mark.slow  # fault injection (a killed / hung rank): run with -m slow
 def test_a_hung_encoder_rank_makes_the_others_fail_after_the_timeout():
     from e2e.gma.check import CheckProblem, check_gma
 
