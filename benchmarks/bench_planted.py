@@ -46,8 +46,7 @@ task = "classification"
 classes = ["IDC", "ILC"]
 split = {{ protocol = "holdout", ratios = [0.6, 0.4], val_fraction = 0.25 }}
 two_stage = {{ magnification = 10, patch_size = 64, input_size = 64 }}
-synthetic = {{ kind = "subtyping", n_slides = {slides}, width = 1536, height = 1152, minority_fraction = 0.5,
-               witness_rate = {rate} }}
+synthetic = {{ kind = "subtyping", n_slides = {slides}, width = 1536, height = 1152, minority_fraction = 0.5, witness_rate = {rate} }}
 """
 
 
