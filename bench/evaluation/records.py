@@ -5,6 +5,8 @@
         predictions.csv      test predictions (the `bench.evaluation.tasks` predictions table)
         predictions-val.csv  validation predictions of the selected weights
         *.safetensors        weights written by the trainer
+        attention.h5         per-patch attention of the test slides (`bench heatmap`), where the model has it
+        run-failed.json      a failed rerun, kept beside a finished run.json that it does not replace
 
 `write_run` turns a trainer's `TrainResult` into a record: the test predictions get
 their bootstrap intervals here (`bench.evaluation.metrics.bootstrap_metrics`, patient-level,
