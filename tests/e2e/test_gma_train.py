@@ -15,29 +15,16 @@ from bench.common.errors import DataError, TrainingError
 
 pytest.importorskip("e2e.patches", reason="GMA reads patches through e2e.patches")
 
-MAG, PATCH = 10.0, 64
+MAG, PATCH = 10.0, 64  # the tiling of the shared gma_fold fixture (tests/e2e/conftest.py)
 
 
 # one torch thread: small models on 2 cores run faster, and timings do not fight the other tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def fold(synthetic_cohort, tmp_path_factory):
-    """(cohort, {mag: coords dir}, FoldBags) of a 10-slide subtyping cohort tiled at 10x / 64 px."""
-    from bench.data.cohort import load_cohort
-    from bench.data.splits import SplitSpec, write_splits
-    from bench.evaluation.tasks import make_task
-    from bench.data.tiling import TileParams, tile_slides
-    from bench.evaluation.training import fold_bags
-
-    cohort = load_cohort(synthetic_cohort("subtyping", n_slides=10, width=1024, height=768))
-    work = tmp_path_factory.mktemp("gma-fold")
-    tiles = work / "tiles"
-    tile_slides(cohort.slide_jobs(), tiles, TileParams(magnification=MAG, patch_size=PATCH), qc=False)
-    splits = write_splits(cohort, work, SplitSpec(ratios=(0.5, 0.25, 0.25)), seed=0)
-    bags = fold_bags(make_task("classification", classes=cohort.classes), cohort.table, splits, 0)
-    return cohort, {MAG: tiles}, bags
+@pytest.fixture
+def fold(gma_fold):
+    return gma_fold  # tests/e2e/conftest.py: one tiled cohort for every GMA test module
 
 
 def config(**kw):
