@@ -123,7 +123,7 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
     from e2e.inference import predict_part, step_flops
     from e2e.sampling import MRISampler
     from bench.evaluation.training import epoch_seed
-    from e2e.forward import batchnorm_buffers, encoder_forward
+    from e2e.forward import batchnorm_buffers, encoder_forward, set_encoder_mode
     from e2e.inference import FLOPS_SAMPLES
     from e2e.patches import coords_dir
 
@@ -183,7 +183,8 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
         elapsed_before = float(state["train_seconds"])
         start_epoch = int(state["epoch"]) + 1
 
-    bn = batchnorm_buffers(encoder) if c.checkpointing else []
+    # train-mode BatchNorm: the checkpointed recomputation updates the running statistics a second time
+    bn = batchnorm_buffers(encoder) if c.checkpointing and c.bn == "train" else []
     loader, epochs = make_loader(data, c.workers, pin_memory=cuda)
     wall = time.perf_counter()
     stop = selector.should_stop
@@ -194,7 +195,7 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
                     break
                 t_epoch = time.perf_counter()
                 torch.manual_seed(epoch_seed(c.seed, epoch))
-                encoder.train()
+                set_encoder_mode(encoder, c.bn)  # frozen BatchNorm stays in eval mode
                 aggregator.train()
                 epochs.set_epoch(epoch)
                 loss_sum, n_bags, n_steps, n_skipped = 0.0, 0, 0, 0
@@ -214,7 +215,8 @@ def run_training(bags: FoldBags, cohort: Any, tiles_dirs: Mapping[float, Path], 
                             x = x.contiguous(memory_format=torch.channels_last)
                         target = train_targets.subset([int(b["position"])]).to_torch(device)
                         with autocast(device, precision):
-                            feats = encoder_forward(encoder, x, c.checkpointing)  # (n, D)
+                            feats = encoder_forward(encoder, x, c.checkpointing, bn=c.bn,
+                                                   chunk=c.checkpoint_chunk)  # (n, D)
                         saved = [t.clone() for t in bn]  # BatchNorm buffers after this forward
                         out = aggregator(feats.float().unsqueeze(0), label=target.label if categorical else None)
                         loss = task.loss(out.logits.float(), target)  # (1, C) -> scalar

@@ -26,7 +26,11 @@ Departures from the paper and its code, all deliberate:
 - several bags per step accumulate gradients bag by bag rather than batching them;
 - activation checkpointing (optional) is exact: the encoder is cut at the stem and
   every residual block over the whole sample, and BatchNorm running statistics are
-  restored after the recomputation so they are updated once per forward, as without it.
+  restored after the recomputation so they are updated once per forward, as without it;
+- `bn = "frozen"` (optional; default "train", the paper's) keeps the encoder's BatchNorm
+  layers in eval mode (running statistics; affine weights train), which changes the
+  numbers, and lets checkpointing run chunk by chunk over the patches
+  (`checkpoint_chunk`; see `e2e.forward`).
 """
 
 from __future__ import annotations
@@ -48,11 +52,13 @@ if TYPE_CHECKING:
     from bench.data.cohort import Cohort
 
 PARAM_KEYS = ("optimizer", "lr", "weight_decay", "epochs", "samples", "slides_per_step", "augment", "precision",
-              "checkpointing", "workers", "source", "infer_chunk", "patience", "fixed_benchmark")
+              "checkpointing", "bn", "checkpoint_chunk", "workers", "source", "infer_chunk", "patience", "fixed_benchmark")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # fields that change how a run executes but not its numbers: a checkpoint survives a change of them
 _RUN_ONLY = ("workers", "infer_chunk", "device", "fixed_benchmark")
+# fields added after runs were recorded: left out of the hash at these values, so older checkpoints still match
+_NEW_DEFAULTS = {"bn": "train", "checkpoint_chunk": 32}
 
 
 def _int(name: str, value: Any, minimum: int = 1) -> int:
@@ -85,6 +91,12 @@ class E2EConfig:
         augment: flips + RandomResizedCrop (no colour augmentation).
         precision: autocast on CUDA ("bf16", "fp16" with a grad scaler, "fp32"); CPU runs fp32.
         checkpointing: activation checkpointing of the encoder (more patches per GB).
+        bn: the encoder's BatchNorm: "train" (batch statistics of the bag's sample, the
+            paper's) or "frozen" (eval mode: running statistics, not updated; the affine
+            weights train). Frozen BatchNorm makes each patch's feature independent of
+            the others, so checkpointing runs chunk by chunk (`e2e.forward`).
+        checkpoint_chunk: patches per recomputed chunk with checkpointing and bn="frozen"
+            (the peak holds one chunk's activations); >= 1.
         workers: DataLoader worker processes reading and augmenting ahead (0: in process).
         source: "live" (OpenSlide) or "packed" (JPEG store; packed on first use).
         infer_chunk: patches per encoder forward at inference.
@@ -113,6 +125,8 @@ class E2EConfig:
     augment: bool = True
     precision: str = "bf16"
     checkpointing: bool = False
+    bn: str = "train"
+    checkpoint_chunk: int = 32
     workers: int = 2
     source: str = "live"
     infer_chunk: int = 256
@@ -122,6 +136,7 @@ class E2EConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        from e2e.forward import BN_MODES, check_chunk
         from e2e.patches import SOURCE_KINDS
         from e2e.sampling import check_ratios
 
@@ -146,6 +161,8 @@ class E2EConfig:
         _choice("optimizer", str(self.optimizer).lower(), OPTIMIZERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("source", self.source, SOURCE_KINDS)
+        _choice("bn", self.bn, BN_MODES)
+        check_chunk(self.checkpoint_chunk)
         for key in ("augment", "checkpointing", "random_init"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"E2E {key} must be true or false, got {getattr(self, key)!r}")
@@ -202,6 +219,9 @@ class E2EConfig:
         from bench.common.files import config_hash
 
         d = {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY}
+        for key, default in _NEW_DEFAULTS.items():  # added later: at their defaults, old hashes stay valid
+            if d[key] == default:
+                del d[key]
         if bags is not None:
             d["split"] = [bags.split_sha256, bags.fold]
         return config_hash(d)

@@ -435,3 +435,26 @@ def test_training_bag_without_patches_and_missing_scale_are_refused_before_train
         write_coords(empty[m] / f"{sid}.h5", dataclasses.replace(c, coords=c.coords[:0], tissue=None))
     with pytest.raises(DataError, match=f"no tissue patch.*{sid}"):
         train_e2e(bags, cohort, empty, config(), tmp_path / "run2")
+
+
+def test_frozen_batchnorm_training_keeps_running_statistics_and_chunked_checkpointing_changes_nothing(fold, tmp_path):
+    from baselines.encoders import build_encoder
+
+    cohort, tiles, bags = fold
+    runs = {}
+    for ckpt in (False, True):
+        c = config(epochs=1, samples=6, bn="frozen", checkpointing=ckpt, checkpoint_chunk=4)
+        runs[ckpt] = train_e2e_quiet(bags, cohort, tiles, c, tmp_path / f"run-{ckpt}")
+    assert runs[False].history[0]["train_loss"] == pytest.approx(runs[True].history[0]["train_loss"], rel=1e-5)
+    wa, wb = weights(tmp_path / "run-False"), weights(tmp_path / "run-True")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    init = build_encoder("resnet18-trunc", random_init=True, seed=0, trainable=True, input_size=32).model.state_dict()
+    stats = [k for k in init if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(wa[f"encoder.{k}"], init[k]) for k in stats)  # never updated
+    assert not all(torch.equal(wa[f"encoder.{k}"], init[k]) for k in init if k.endswith("bn1.weight"))  # affine trains
+
+
+def train_e2e_quiet(bags, cohort, tiles, c, out):
+    from e2e.train import train_e2e
+
+    return train_e2e(bags, cohort, tiles, c, out, predict_test=False)
