@@ -28,6 +28,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("check-gma", "bench.cli.commands.check_gma"),
     ("sweep", "bench.cli.commands.sweep"),
     ("run", "bench.cli.commands.run"),
+    ("worker", "bench.cli.commands.worker"),
+    ("status", "bench.cli.commands.status"),
     ("leaderboard", "bench.cli.commands.leaderboard"),
     ("runs", "bench.cli.commands.runs"),
     ("heatmap", "bench.cli.commands.heatmap"),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -180,14 +180,11 @@ def make_task_for(ds: DatasetSpec, cohort: Cohort) -> Any:
     return make_task(ds.task, **params)
 
 
-def prepare_dataset(suite: Suite, ds: DatasetSpec, options: RunOptions, timer: StageTimer) -> PreparedDataset:
-    """Cohort, tiles and split files of one dataset (each stage skips what is done)."""
+def open_cohort(ds: DatasetSpec, options: RunOptions, timer: StageTimer) -> tuple[Cohort, bool]:
+    """(cohort, synthetic?) of a dataset: the cohort stage (writes the synthetic cohort when there is no --data-root)."""
     from bench.data.cohort import load_cohort
-    from bench.data.splits import write_splits
-    from bench.data.tiling import TileParams, tile_slides
 
-    layout = Layout(options.workdir)
-    folder, synthetic = cohort_folder(ds, options.data_root, layout)
+    folder, synthetic = cohort_folder(ds, options.data_root, Layout(options.workdir))
     if synthetic:
         with timer.stage("synthesize"):
             info(f"[{ds.name}] synthetic cohort in {folder} (no --data-root: demo data)")
@@ -198,6 +195,16 @@ def prepare_dataset(suite: Suite, ds: DatasetSpec, options: RunOptions, timer: S
     synthetic = synthetic or _is_synthetic(folder)
     if ds.mpp is not None:  # slides that record no resolution use the suite's mpp
         cohort = replace(cohort, table=cohort.table.assign(mpp=cohort.table["mpp"].fillna(ds.mpp)))
+    return cohort, synthetic
+
+
+def prepare_dataset(suite: Suite, ds: DatasetSpec, options: RunOptions, timer: StageTimer) -> PreparedDataset:
+    """Cohort, tiles and split files of one dataset (each stage skips what is done)."""
+    from bench.data.splits import write_splits
+    from bench.data.tiling import TileParams, tile_slides
+
+    layout = Layout(options.workdir)
+    cohort, synthetic = open_cohort(ds, options, timer)
     skipped: dict[str, str] = {}
     tiles, tiled = {}, {}
     for mag, px in tilings_needed(ds, suite.methods):
@@ -455,11 +462,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, fold: int, options: RunOptions,
-            timer: StageTimer, feature_cache: dict[tuple, FeatureSet]) -> RunOutcome:
-    """One method on one fold of one split file: train, evaluate, record (or reuse the record)."""
-    from bench.evaluation.records import is_current, split_tag, write_run
-    from bench.evaluation.training import fold_bags
+@dataclass
+class RunIdentity:
+    """Where a run's record goes and the config hash that makes it current (what `run_one` checks first)."""
+
+    tag: str
+    run_dir: Path
+    overrides: dict[str, Any] | None
+    params: dict[str, Any]
+    aggregator_params: dict[str, Any]
+    features: FeatureSet | None
+    config_hash: str
+
+
+def run_identity(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, fold: int,
+                 options: RunOptions, timer: StageTimer, feature_cache: dict[tuple, FeatureSet]) -> RunIdentity:
+    """The record folder and config hash of one method on one fold (extracts the features it reads if needed)."""
+    from bench.evaluation.records import split_tag
 
     layout = Layout(options.workdir)
     ds = prep.spec
@@ -467,13 +486,31 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     tag = split_tag(splits.protocol, splits.seed, fold)
     run_dir = layout.run_dir(suite.name, ds.name, method.name, tag)
     overrides = best_params(layout, suite.name, method.name, ds.name, tag) if options.params == "best" else None
-    if options.params == "best" and overrides is None:
-        warn(f"[{ds.name}] {method.name} {tag}: no sweep results for this split (bench sweep), using the suite's "
-             "parameters")
     params, agg_params = method_settings(suite, method, overrides)
     features = extract_features(prep, method, options, timer, feature_cache) if method.paradigm == "two-stage" else None
     config = run_config(suite, prep, method, params, agg_params, splits, seed, fold, features)
-    chash = config_hash(config)
+    return RunIdentity(tag, run_dir, overrides, params, agg_params, features, config_hash(config))
+
+
+def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, fold: int, options: RunOptions,
+            timer: StageTimer, feature_cache: dict[tuple, FeatureSet],
+            guard: Callable[[], None] | None = None) -> RunOutcome:
+    """One method on one fold of one split file: train, evaluate, record (or reuse the record).
+
+    `guard` (a worker's claim check, `bench.orchestration.claims.Claim.check`) is called before the
+    record is written and may raise to stop a worker that lost the item from writing it.
+    """
+    from bench.evaluation.records import is_current, write_run
+    from bench.evaluation.training import fold_bags
+
+    ds = prep.spec
+    splits = prep.splits[seed]
+    ident = run_identity(suite, prep, method, seed, fold, options, timer, feature_cache)
+    tag, run_dir, overrides, chash = ident.tag, ident.run_dir, ident.overrides, ident.config_hash
+    params, agg_params, features = ident.params, ident.aggregator_params, ident.features
+    if options.params == "best" and overrides is None:
+        warn(f"[{ds.name}] {method.name} {tag}: no sweep results for this split (bench sweep), using the suite's "
+             "parameters")
     if not options.force and is_current(run_dir, chash):
         info(f"[{ds.name}] {method.name} {tag}: up to date, skipped")
         return RunOutcome(ds.name, method.name, tag, "cached", run_dir)
@@ -509,6 +546,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
             extra["traceback"] = traceback.format_exc(limit=20)
         warn(f"[{ds.name}] {method.name} {tag} failed: {error}")
     with timer.stage("evaluate"):
+        if guard is not None:
+            guard()  # a worker that lost this item's claim stops here: the new holder writes the record
         try:
             record = write_run(run_dir, suite=suite.name, dataset=ds.name, task=task, method=method_info,
                                split=split_info, seed=seed, config_hash=chash, result=result, status=status,
@@ -517,6 +556,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
         except BenchError as exc:  # e.g. predictions the bootstrap refuses: record the run as failed
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             warn(f"[{ds.name}] {method.name} {tag} failed at evaluation: {error}")
+            if guard is not None:
+                guard()
             record = write_run(run_dir, suite=suite.name, dataset=ds.name, task=task, method=method_info,
                                split=split_info, seed=seed, config_hash=chash, result=None, status=status,
                                error=error, started=started, ended=_now(), n_bootstrap=suite.bootstrap,
@@ -655,6 +696,6 @@ def stage_table(report: SuiteReport) -> str:
 
 
 __all__ = ["RunOptions", "SuiteReport", "RunOutcome", "PreparedDataset", "FoldJob", "prepare_fold", "run_suite",
-           "prepare_dataset",
+           "prepare_dataset", "open_cohort", "run_one", "run_identity", "RunIdentity",
            "train_method", "method_settings", "split_params", "make_task_for", "extract_features",
            "available_slides", "cohort_folder", "outcome_table", "stage_table"]

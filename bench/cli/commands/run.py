@@ -34,6 +34,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="patch-reading workers of feature extraction (default: 2)")
     p.add_argument("--force", action="store_true", help="retrain methods whose records are up to date")
     p.add_argument("--list", action="store_true", help="list the suite's datasets and methods and exit")
+    g = p.add_argument_group("many processes, GPUs or nodes (see bench worker)")
+    g.add_argument("--executor", help="local: --jobs worker processes here (one per visible GPU by default); "
+                                      "slurm: a submitit job array of workers (default: this process alone)")
+    g.add_argument("--jobs", type=int, help="number of workers (local default: one per visible GPU, else 2; "
+                                            "slurm default: 4)")
+    g.add_argument("--partition", help="slurm: partition")
+    g.add_argument("--gpus-per-worker", type=int, default=1, help="slurm: GPUs of each array job (default: 1)")
+    g.add_argument("--cpus-per-worker", type=int, default=8, help="slurm: CPUs of each job (default: 8)")
+    g.add_argument("--time-min", type=int, default=24 * 60, help="slurm: time limit in minutes (default: 1440)")
+    g.add_argument("--gma-gpus", type=int, help="slurm: GPUs of the GMA allocation (default: the GMA items' nproc)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: extra sbatch option, e.g. --sbatch account=mylab --sbatch qos=high (repeatable)")
+    from bench.cli.commands.worker import add_worker_arguments
+
+    add_worker_arguments(g)
+    p.add_argument("--allow-missing-slides", action="store_true",
+                   help="datasets on the authors' split (protocol paper): run on the slides present when some of "
+                        "the split's slides are absent (they are listed; the test set is then not the paper's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +63,13 @@ def run(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, demo=args.data_root is None)
     suite = suite.select(datasets=args.datasets, methods=args.methods)
+    if args.allow_missing_slides:
+        suite = suite.allowing_missing_slides()
     if args.list:
         _print_listing(suite)
         return 0
+    if args.executor is not None:
+        return run_executor(args)
     options = RunOptions(
         workdir=Path(args.workdir), data_root=Path(args.data_root) if args.data_root else None,
         seeds=tuple(args.seeds) if args.seeds else None, device=args.device, params=args.params,
@@ -64,6 +86,61 @@ def run(args: argparse.Namespace) -> int:
         info(f"leaderboard: {report.leaderboard}")
     if report.failed:
         info(f"{len(report.failed)} run(s) failed; their records keep the error (bench runs --workdir {args.workdir})")
+        return 1
+    return 0
+
+
+def run_executor(args: argparse.Namespace) -> int:
+    """`bench run --executor local|slurm`: the suite's work items done by worker processes or SLURM jobs."""
+    from bench.common.errors import ConfigError
+    from bench.cli.commands.worker import options_from
+    from bench.orchestration.worker import EXECUTORS, SlurmOptions, run_local, submit_slurm
+
+    known = [e for e in EXECUTORS if e != "inline"]
+    if args.executor not in known:
+        raise ConfigError(f"unknown executor {args.executor!r}; known executors: {', '.join(known)} "
+                          "(or leave --executor out to run in this process)")
+    if args.force:
+        raise ConfigError("--force cannot be combined with --executor (workers never retrain finished runs); "
+                          "run `bench run --force` without --executor")
+    spec = options_from(args)
+    if args.executor == "local":
+        bad = run_local(spec, args.jobs)
+        return 1 if bad else _after_workers(spec)
+    extra = []
+    for kv in args.sbatch:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--sbatch expects KEY=VALUE (e.g. account=mylab), got {kv!r}")
+        extra.append((key.lstrip("-"), value))
+    slurm = SlurmOptions(partition=args.partition, gpus_per_worker=args.gpus_per_worker,
+                         cpus_per_worker=args.cpus_per_worker, time_min=args.time_min, gma_gpus=args.gma_gpus,
+                         extra=tuple(extra))
+    submit_slurm(spec, args.jobs or 4, slurm)
+    return 0
+
+
+def _after_workers(spec) -> int:
+    """Print the leaderboard the workers drew and say whether any item failed (exit status 1 then)."""
+    from bench.common.console import info
+    from bench.orchestration.plan import Context, build_plan, counts, item_states
+    from bench.orchestration.worker import load_selected
+
+    plan = build_plan(load_selected(spec), spec.options)
+    states = item_states(Context(plan, readonly=True))
+    total = counts(states)
+    board = None if spec.options.leaderboards is None else spec.options.leaderboards / f"{plan.suite.name}.md"
+    if board is not None and board.is_file():
+        print(board.read_text(encoding="utf-8"))
+        info(f"leaderboard: {board}")
+    for s in states:
+        if s.state in ("failed", "blocked"):
+            info(f"{s.state}: {s.item.id}" + (f": {s.error}" if s.error else ""))
+    if total["failed"] or total["blocked"]:
+        return 1
+    if total["done"] != len(states):
+        info(f"not finished: " + ", ".join(f"{k} {v}" for k, v in total.items() if v and k != "done")
+             + f" (bench status --suite {spec.suite} --workdir {spec.options.workdir})")
         return 1
     return 0
 
