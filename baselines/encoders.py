@@ -56,6 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("avg", "cls", "mean", "cls+mean", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("bilinear", "bicubic")
+WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 _HUB_ID = re.compile(r"^hf[-_]hub:([A-Za-z0-9][\w.-]*/[\w.-]+)$")
@@ -96,7 +97,13 @@ class EncoderSpec:
         resize_to: resize patches to this side, then centre-crop `input_size` (None: resize to `input_size`).
         revision: Hub revision (branch, tag or commit); None = main.
         weights: default local weights file or snapshot folder (from a suite file).
-        reference: where the constructor arguments and normalisation come from.
+        reference: where the constructor arguments and normalisation come from (the model card).
+        magnification: the magnification the encoder was trained at, as its card states it.
+        licence: the weights' licence (gated ones also need the terms accepted on the model page).
+        source_note: which facts were looked up where.
+        weights_format: "timm" (loadable here); "transformers" or "torch-hub" when the published
+            checkpoint is not a timm state dict (only the architecture is registered, no converter yet).
+        hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`).
     """
 
     name: str
@@ -117,6 +124,11 @@ class EncoderSpec:
     revision: str | None = None
     weights: str | None = None
     reference: str = ""
+    magnification: str = ""
+    licence: str = ""
+    source_note: str = ""
+    weights_format: str = "timm"
+    hub_filename: str | None = None
 
     def __post_init__(self) -> None:
         check_name("encoder", self.name)
@@ -140,6 +152,9 @@ class EncoderSpec:
         _check_choice(what, "precision", self.precision, PRECISIONS)
         _check_choice(what, "pooling", self.pooling, POOLINGS)
         _check_choice(what, "interpolation", self.interpolation, INTERPOLATIONS)
+        _check_choice(what, "weights_format", self.weights_format, WEIGHTS_FORMATS)
+        if self.hub_filename is not None and (not self.is_hub or self.architecture is None):
+            raise ConfigError(f"{what}: hub_filename needs an 'hf-hub:' source and an architecture to load it into")
         if not isinstance(self.gated, bool):
             raise ConfigError(f"{what}: gated must be true or false, got {self.gated!r}")
         if self.truncate_after is not None:
@@ -216,11 +231,11 @@ class EncoderSpec:
             weights, random_init=random_init, cache_dir=cache_dir)
         backbone, removed = self._backbone(source, seed, cache_dir)
         # timm's hf-hub/local-dir loaders already loaded Hub models; everything else loads here
-        if source.kind == "file" or (source.kind in ("hf-cache", "hub") and not self.is_hub):
+        if source.kind == "file" or (source.kind in ("hf-cache", "hub") and (not self.is_hub or self.hub_filename)):
             assert source.path is not None
             load_into(backbone, load_state_dict_file(source.path), what=f"encoder {self.name!r} ({source.path})",
                       ignore_prefixes=_CLASSIFIER_PREFIXES + tuple(f"{s}." for s in removed))
-        if self.is_hub and source.kind in ("hf-cache", "hub", "dir"):
+        if self.is_hub and self.hub_filename is None and source.kind in ("hf-cache", "hub", "dir"):
             self._warn_if_normalisation_differs(backbone)
         encoder = PatchEncoder(backbone, self.pooling, self.embed_dim, self.name, source.weights_id,
                                seed if source.kind == "random-init" else None)
@@ -265,11 +280,26 @@ class EncoderSpec:
                 raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, "
                                   "not both")
             return random_source()
+        if self.weights_format != "timm":
+            raise ConfigError(
+                f"encoder {self.name!r}: its published weights ({self.hub_repo or self.source}) are a "
+                f"{self.weights_format} checkpoint, not a timm state dict, and this harness has no converter for "
+                "them yet; only its architecture is registered (meta-device check, --random-init smoke tests). "
+                f"Licence: {self.licence or 'see the model page'} ({self.reference or self.source})")
         if weights is not None or self.weights is not None:
             return local_source(weights if weights is not None else self.weights)  # type: ignore[arg-type]
         if self.is_hub:
-            return hub_source(str(self.hub_repo), encoder=self.name, gated=self.gated, need_config=True,
-                              revision=self.revision, cache_dir=cache_dir)
+            files = (self.hub_filename,) if self.hub_filename else HUB_WEIGHT_FILES
+            try:
+                return hub_source(str(self.hub_repo), encoder=self.name, gated=self.gated,
+                                  need_config=self.hub_filename is None, revision=self.revision,
+                                  filenames=files, cache_dir=cache_dir)
+            except WeightsUnavailable as exc:
+                if not self.licence:
+                    raise
+                raise WeightsUnavailable(f"{exc} Licence of {self.name!r}: {self.licence}; model page "
+                                         f"{self.reference or 'https://huggingface.co/' + str(self.hub_repo)}"
+                                         ) from None
         import timm
 
         cfg = timm.models.get_pretrained_cfg(self.source) if "." in self.source else None
@@ -289,7 +319,7 @@ class EncoderSpec:
         kwargs = {"num_classes": 0, **_resolve_layers(self.timm_kwargs)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init (and timm's init before loading) is reproducible
-            if self.is_hub and source.kind in ("hf-cache", "hub"):
+            if self.is_hub and self.hub_filename is None and source.kind in ("hf-cache", "hub"):
                 model = timm.create_model(f"hf-hub:{source.hub_ref}", pretrained=True, cache_dir=cache_dir, **kwargs)
             elif source.kind == "dir":
                 snapshot_weights_file(source.path)  # type: ignore[arg-type]
@@ -475,7 +505,8 @@ _CONFIG_KEYS = {
     "source": str, "embed_dim": int, "input_size": int, "mean": list, "std": list, "precision": str,
     "gated": bool, "pooling": str, "timm_kwargs": dict, "architecture": str, "architecture_kwargs": dict,
     "truncate_after": str, "interpolation": str, "resize_to": int, "revision": str, "weights": str,
-    "reference": str,
+    "reference": str, "magnification": str, "licence": str, "source_note": str, "weights_format": str,
+    "hub_filename": str,
 }
 
 
@@ -530,73 +561,63 @@ def register_encoder_from_config(name: str, config: Mapping[str, Any], *, where:
 
 
 # ------------------------------------------------------------------------------ built-ins
-# ResNets: ImageNet weights from torchvision, as CLAM (`resnet50_baseline`, truncated after
-# layer3 + adaptive average pool = 1024-d) and the ABMILX paper use them. resnet18 takes the
-# same `tv_in1k` (torchvision) weights rather than timm's `a1_in1k`: same training recipe and
-# normalisation as the ResNet-50 baseline, so the two sizes differ only in depth/width
-# (a1_in1k is trained with BCE and heavy augmentation at other resolutions).
-_TIMM_REF = "timm pretrained_cfg (ImageNet mean/std); CLAM models/resnet_custom.py"
-for _spec in (
-    EncoderSpec("resnet50-trunc", "resnet50.tv_in1k", 1024, pooling="avg", truncate_after="layer3",
-                reference=_TIMM_REF),
-    EncoderSpec("resnet18-trunc", "resnet18.tv_in1k", 256, pooling="avg", truncate_after="layer3",
-                reference=_TIMM_REF),
-    EncoderSpec("resnet50", "resnet50.tv_in1k", 2048, pooling="avg", reference=_TIMM_REF),
-    # UNI (ViT-L/16): model card https://huggingface.co/MahmoodLab/UNI:
-    #   timm.create_model("hf-hub:MahmoodLab/uni", pretrained=True, init_values=1e-5, dynamic_img_size=True);
-    #   transform Resize(224), ImageNet mean/std; 1024-d class token.
-    EncoderSpec("uni", "hf-hub:MahmoodLab/uni", 1024, pooling="cls", precision="fp16", gated=True,
-                timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
-                architecture="vit_large_patch16_224",
-                architecture_kwargs={"img_size": 224, "patch_size": 16},
-                reference="https://huggingface.co/MahmoodLab/UNI"),
-    # UNI2-h (ViT-H/14, 8 register tokens, SwiGLU): model card https://huggingface.co/MahmoodLab/UNI2-h
-    #   passes these timm_kwargs with "hf-hub:MahmoodLab/UNI2-h"; ImageNet mean/std, 224 px; 1536-d class token.
-    EncoderSpec("uni2-h", "hf-hub:MahmoodLab/UNI2-h", 1536, pooling="cls", precision="bf16", gated=True,
-                timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-                             "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
-                             "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU",
-                             "reg_tokens": 8, "dynamic_img_size": True},
-                architecture="vit_giant_patch14_224",
-                reference="https://huggingface.co/MahmoodLab/UNI2-h"),
-    # Virchow2 (ViT-H/14, 4 register tokens): model card https://huggingface.co/paige-ai/Virchow2:
-    #   timm.create_model("hf-hub:paige-ai/Virchow2", pretrained=True, mlp_layer=SwiGLUPacked, act_layer=SiLU);
-    #   output (B, 261, 1280): class token = [:, 0], patch tokens = [:, 5:] (1-4 are registers);
-    #   embedding = concat(class token, mean of patch tokens) = 2560-d; fp16 autocast recommended;
-    #   transform from its pretrained_cfg: 224 px, bicubic, ImageNet mean/std. The architecture
-    #   kwargs repeat its config.json model_args for builds without the Hub.
-    EncoderSpec("virchow2", "hf-hub:paige-ai/Virchow2", 2560, pooling="cls+mean", precision="fp16", gated=True,
-                interpolation="bicubic",
-                timm_kwargs={"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"},
-                architecture="vit_huge_patch14_224",
-                architecture_kwargs={"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
-                                     "global_pool": "", "dynamic_img_size": True},
-                reference="https://huggingface.co/paige-ai/Virchow2"),
-    # H-optimus-0 (ViT-g/14, 4 registers): model card https://huggingface.co/bioptimus/H-optimus-0:
-    #   timm.create_model("hf-hub:bioptimus/H-optimus-0", pretrained=True, init_values=1e-5,
-    #   dynamic_img_size=False); Normalize(mean=(0.707223, 0.578729, 0.703617),
-    #   std=(0.211883, 0.230117, 0.177517)); 224 px; 1536-d; fp16 autocast recommended.
-    EncoderSpec("h-optimus-0", "hf-hub:bioptimus/H-optimus-0", 1536, pooling="cls", precision="fp16", gated=True,
-                mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-                timm_kwargs={"init_values": 1e-5, "dynamic_img_size": False},
-                architecture="vit_giant_patch14_reg4_dinov2", architecture_kwargs={"img_size": 224},
-                reference="https://huggingface.co/bioptimus/H-optimus-0"),
-    # Prov-GigaPath tile encoder (ViT-g, patch 16): model card https://huggingface.co/prov-gigapath/prov-gigapath:
-    #   timm.create_model("hf_hub:prov-gigapath/prov-gigapath", pretrained=True); Resize(256, bicubic),
-    #   CenterCrop(224), ImageNet mean/std; 1536-d. Architecture kwargs from its config.json
-    #   (vit_giant_patch14_dinov2, img_size 224, patch_size 16, depth 40, mlp_ratio 5.33334).
-    EncoderSpec("gigapath", "hf-hub:prov-gigapath/prov-gigapath", 1536, pooling="cls", precision="fp16",
-                gated=True, interpolation="bicubic", resize_to=256,
-                architecture="vit_giant_patch14_dinov2",
-                architecture_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536,
-                                     "depth": 40, "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
-                reference="https://huggingface.co/prov-gigapath/prov-gigapath"),
-):
+# The registry is data: baselines/encoders.toml (one table per encoder, each with its model card and
+# what was looked up there). Loaded once at import; a bad entry is a ConfigError naming it and the field.
+REGISTRY_FILE = Path(__file__).with_name("encoders.toml")
+
+
+def load_registry_file(path: str | os.PathLike[str]) -> list[EncoderSpec]:
+    """Read an encoder registry file (TOML, `[encoders.<name>]` tables) into validated specs (not registered).
+
+    Raises:
+        ConfigError: the file is not TOML, has no `encoders` table, or an entry has an unknown, missing
+            or bad field (the message names the file, the entry and the field).
+    """
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"encoder registry {path} is not valid TOML: {exc}") from None
+    tables = data.get("encoders")
+    unknown = sorted(set(data) - {"encoders", "slide_encoders"})  # slide encoders: baselines.encoders_slide
+    if not isinstance(tables, Mapping) or unknown:
+        raise ConfigError(f"encoder registry {path} must hold only [encoders.<name>] tables"
+                          + (f"; found top-level keys {unknown}" if unknown else ""))
+    return [spec_from_config(name, table, where=str(path)) for name, table in tables.items()]
+
+
+def check_on_meta(spec: EncoderSpec) -> tuple[int, int]:
+    """Build `spec`'s architecture on the meta device (no memory, no weights, no download) and run one
+    forward at its input size; returns (embedding size, parameter count).
+
+    Raises:
+        ConfigError: the architecture cannot take `input_size` images, or its embedding size is not the
+            entry's `embed_dim` (the message names the entry and the field).
+    """
+    with torch.device("meta"):
+        backbone, _ = spec._backbone(random_source(), 0, None)
+        encoder = PatchEncoder(backbone, spec.pooling, spec.embed_dim, spec.name, RANDOM_INIT)
+        try:
+            out = encoder(torch.zeros(1, 3, spec.input_size, spec.input_size))
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"encoder {spec.name!r}: input_size = {spec.input_size} does not fit its "
+                              f"architecture ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+    if tuple(out.shape) != (1, spec.embed_dim):
+        raise ConfigError(f"encoder {spec.name!r}: embed_dim = {spec.embed_dim} but its architecture "
+                          f"({spec.architecture or spec.source}, pooling {spec.pooling!r}) gives "
+                          f"{tuple(out.shape[1:])}; fix embed_dim, pooling or the architecture kwargs")
+    return int(out.shape[1]), sum(p.numel() for p in encoder.parameters())
+
+
+for _spec in load_registry_file(REGISTRY_FILE):
     register_encoder(_spec)
 del _spec
 
 __all__ = [
     "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
     "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
-    "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT",
+    "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT", "WEIGHTS_FORMATS",
+    "REGISTRY_FILE", "load_registry_file", "check_on_meta",
 ]

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from baselines.encoders import (
     ENCODERS,
     EncoderSpec,
-    PatchEncoder,
     build_encoder,
     get_encoder,
     register_encoder,
@@ -99,25 +98,18 @@ def test_resnets_give_their_declared_dimension_and_truncation(name, dim):
         torch.testing.assert_close(out, ref)
 
 
-def test_foundation_model_specs_match_published_sizes():
-    """Built on the meta device (no memory, no weights): embedding sizes and parameter counts
-    must match the model cards (UNI 303M ViT-L, UNI2-h 681M, Virchow2 632M with 2560-d
-    class+mean embedding, H-optimus-0 and Prov-GigaPath 1.13B ViT-g)."""
-    published = {"uni": (1024, 303e6), "uni2-h": (1536, 681e6), "virchow2": (2560, 632e6),
-                 "h-optimus-0": (1536, 1.13e9), "gigapath": (1536, 1.13e9)}
-    for name, (dim, params) in published.items():
+def test_foundation_model_specs_keep_their_published_facts():
+    """Sizes and parameter counts are checked on the meta device in test_encoder_registry.py; here the
+    facts every earlier feature file was made with (their fingerprints must not move)."""
+    published = {"uni": 1024, "uni2-h": 1536, "virchow2": 2560, "h-optimus-0": 1536, "gigapath": 1536}
+    for name, dim in published.items():
         spec = get_encoder(name)
         assert spec.gated and spec.is_hub and spec.embed_dim == dim
-        with torch.device("meta"):
-            backbone, _ = spec._backbone(random_source(), 0, None)
-            enc = PatchEncoder(backbone, spec.pooling, spec.embed_dim, name, RANDOM_INIT)
-            out = enc(torch.zeros(2, 3, spec.input_size, spec.input_size))
-        assert tuple(out.shape) == (2, dim), name
-        n = sum(p.numel() for p in enc.parameters())
-        assert abs(n - params) / params < 0.01, (name, n)
     assert get_encoder("virchow2").pooling == "cls+mean"
     assert get_encoder("h-optimus-0").mean == (0.707223, 0.578729, 0.703617)
     assert get_encoder("h-optimus-0").std == (0.211883, 0.230117, 0.177517)
+    assert get_encoder("uni2-h").timm_kwargs["mlp_ratio"] == 2.66667 * 2
+    assert get_encoder("gigapath").resize_to == 256 and get_encoder("gigapath").interpolation == "bicubic"
 
 
 def test_unknown_encoder_lists_close_names():
