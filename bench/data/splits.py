@@ -8,6 +8,11 @@ Protocols (`SplitSpec.protocol`):
 - `kfold`: `folds` folds whose test parts partition the patients; each fold's
   validation part is carved from the rest by `val_fraction`.
 - `mccv`: `repeats` independent holdout splits (Monte Carlo cross-validation).
+- `paper`: no drawing; the assignments a paper's authors published, shipped
+  with the package (`source` names one of bench.data.paper.PAPER_SPLITS). The
+  file is written from them, restricted to the cohort's slides, with the same
+  sha256 rules; shipped slides the cohort lacks are an error listing them (all
+  written to `<split>.missing.csv`) unless `allow_missing` (see bench.data.paper).
 
 How patients are assigned (own numpy code rather than scikit-learn: its
 StratifiedGroupKFold balances greedily and does not promise exact part sizes,
@@ -66,7 +71,7 @@ if TYPE_CHECKING:
 
     from bench.data.cohort import Cohort
 
-PROTOCOLS = ("holdout", "kfold", "mccv")
+PROTOCOLS = ("holdout", "kfold", "mccv", "paper")
 PARTS = ("train", "val", "test")
 COLUMNS = ("fold", "slide_id", "patient_id", "part")
 DEFAULT_VAL_FRACTION = 0.2
@@ -86,6 +91,9 @@ class SplitSpec:
         folds: number of folds (kfold).
         repeats: number of random holdout splits (mccv).
         time_bins: survival: time-quantile bins crossed with the event for strata.
+        source: paper: the shipped split (a key of bench.data.paper.PAPER_SPLITS).
+        allow_missing: paper: write the split without the shipped slides the cohort
+            lacks (warned) instead of refusing.
     """
 
     protocol: str = "holdout"
@@ -94,12 +102,22 @@ class SplitSpec:
     folds: int = 5
     repeats: int = 5
     time_bins: int = 4
+    source: str | None = None
+    allow_missing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown split protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-        if self.protocol != "kfold":
+        if self.protocol == "paper":
+            from bench.data.paper import PAPER_SPLITS
+
+            if self.source not in PAPER_SPLITS:
+                raise ConfigError(f"the paper protocol needs source = one of {', '.join(PAPER_SPLITS)}; "
+                                  f"got {self.source!r}")
+        elif self.source is not None:
+            raise ConfigError(f"source names a shipped split for protocol 'paper'; protocol is {self.protocol!r}")
+        if self.protocol not in ("kfold", "paper"):
             if len(self.ratios) not in (2, 3) or any(not (math.isfinite(r) and r > 0) for r in self.ratios):
                 raise ConfigError(f"ratios must be 2 (train, test) or 3 (train, val, test) positive numbers, "
                                   f"got {list(self.ratios)}")
@@ -119,6 +137,10 @@ class SplitSpec:
 
     @property
     def n_folds(self) -> int:
+        if self.protocol == "paper":
+            from bench.data.paper import paper_split
+
+            return paper_split(str(self.source)).n_folds
         return {"holdout": 1, "kfold": self.folds, "mccv": self.repeats}[self.protocol]
 
     @property
@@ -260,12 +282,21 @@ def _check_rare(patients: pd.DataFrame, cohort: Cohort, spec: SplitSpec) -> None
              "each keeps at least one patient in train, some parts will have none of them")
 
 
-def make_splits(cohort: Cohort, spec: SplitSpec, *, seed: int) -> pd.DataFrame:
-    """The split table (columns `COLUMNS`, sorted) for a cohort; pure, nothing is written."""
+def make_splits(cohort: Cohort, spec: SplitSpec, *, seed: int, missing_report: Path | None = None) -> pd.DataFrame:
+    """The split table (columns `COLUMNS`, sorted) for a cohort; pure, nothing is written.
+
+    Protocol `paper` ignores the seed (the authors' assignments are fixed); it
+    lists absent shipped slides in `missing_report` when given (removed when none is).
+    """
     import pandas as pd
 
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"split seed must be an integer >= 0, got {seed!r}")
+    if spec.protocol == "paper":
+        from bench.data.paper import paper_table
+
+        return _sorted(paper_table(cohort, str(spec.source), allow_missing=spec.allow_missing,
+                                   missing_report=missing_report))
     patients = cohort.patient_table()
     ids = patients["patient_id"].to_numpy(dtype=object)
     strata = _strata(patients, cohort.task, spec.time_bins)
@@ -344,7 +375,8 @@ def write_splits(
         The split as `load_splits` reads it back.
     """
     path = Layout(workdir).split_file(dataset or cohort.name, spec.protocol, seed)
-    text = to_csv_text(make_splits(cohort, spec, seed=seed))
+    missing = path.with_name(path.stem + ".missing.csv") if spec.protocol == "paper" else None
+    text = to_csv_text(make_splits(cohort, spec, seed=seed, missing_report=missing))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if path.exists():
         _verify_existing(path, text, digest)

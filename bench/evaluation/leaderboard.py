@@ -714,6 +714,14 @@ def _footer(records: Sequence[RunRecord], ranked_splits: Sequence[RunRecord], n_
               f"--out {_shown_dir(out_dir, '<out>')}`."]
     if commands:
         lines.append("- Reproduce the runs: " + "; ".join(f"`{c}`" for c in commands) + ".")
+    paper_sets = sorted({ds for (ds, path, _), _ in splits.items() if Path(path).name.startswith("paper-seed")})
+    if paper_sets:
+        from bench.data.paper import PROVENANCE
+
+        lines.append(f"- Splits of {', '.join(paper_sets)}: the ABMILX authors' own (protocol `paper`, their label "
+                     f"and split files shipped in `{PROVENANCE['shipped']}` from {PROVENANCE['repository']} at "
+                     f"{PROVENANCE['commit'][:7]}), so these test sets are the paper's; the other datasets use a "
+                     "seeded patient-level split.")
     if not split_table.empty:
         lines += ["", "Split files (every ranked record of a dataset's split was made on the same file; paths "
                       "relative to the work folder):", "", _md_table(split_table)]

@@ -31,6 +31,9 @@ Schema (every key optional unless marked):
     oversample = 2.0                      # classification: majority:minority ratio in training
     folds = [0]                           # which folds of the split file to run (default: all)
     split = { protocol = "holdout", ratios = [0.7, 0.3], val_fraction = 0.2 }
+    # or the authors' published split, shipped with the package (bench.data.paper); `synthetic` is the
+    # split of the demo's synthetic cohort, whose slides are not the authors':
+    # split = { protocol = "paper", source = "abmilx-tcga-brca-subtyping", synthetic = { protocol = "holdout" } }
     two_stage = { magnification = 20, patch_size = 256, input_size = 224 }
     e2e = { magnification = 10, patch_size = 256, input_size = 224, scales = [[10, 0.75], [5, 0.25]] }
     synthetic = { kind = "subtyping", n_slides = 40, width = 4096, height = 3072 }
@@ -230,6 +233,14 @@ class Suite:
         """Trainer parameters of a method: the paradigm's defaults, then the method's own."""
         return {**thaw(self.defaults.get(method.paradigm, {})), **thaw(method.params)}
 
+    def allowing_missing_slides(self) -> Suite:
+        """The suite with `allow_missing = true` on every `paper` split (`bench run --allow-missing-slides`)."""
+        from dataclasses import replace
+
+        return replace(self, datasets=tuple(
+            replace(d, split=_freeze({**thaw(d.split), "allow_missing": True}))
+            if d.split.get("protocol") == "paper" else d for d in self.datasets))
+
     def select(self, datasets: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> Suite:
         """The suite restricted to some datasets and methods (names or glob patterns)."""
         from fnmatch import fnmatchcase
@@ -295,7 +306,7 @@ _METHOD = ("name", "paradigm", "encoder", "encoders", "aggregator", "aggregators
            "weights", "random_init", "search")
 _DEMO = ("description", "seeds", "defaults", "datasets", "methods")
 _TILING = ("magnification", "patch_size", "input_size", "scales")
-_SPLIT = ("protocol", "ratios", "val_fraction", "folds", "repeats", "time_bins")
+_SPLIT = ("protocol", "ratios", "val_fraction", "folds", "repeats", "time_bins", "source", "allow_missing", "synthetic")
 _SYNTH = ("kind", "n_slides", "width", "height", "mpp", "seed", "minority_fraction", "witness_rate", "lesion_contrast",
           "label_noise", "hazard_strength")
 
@@ -333,7 +344,7 @@ def parse_suite(raw: Mapping[str, Any], *, source: str = "<suite>", demo: bool =
             _keys(overlay, _DATASET, top / "demo" / "datasets" / d["name"])
             for key, value in overlay.items():
                 d[key] = {**d[key], **value} if isinstance(value, Mapping) and isinstance(d.get(key), Mapping) else value
-        datasets.append(_parse_dataset(d, where))
+        datasets.append(_parse_dataset(_paper_split(d, where, demo), where))
     _unique([d.name for d in datasets], "dataset", top / "datasets")
 
     methods_raw = demo_raw["methods"] if demo and "methods" in demo_raw else raw["methods"]
@@ -410,6 +421,29 @@ def _parse_tiling(raw: Any, where: _Where, default_mag: float) -> Tiling:
         input_size=int(_num(t.get("input_size", 224), where / "input_size", positive=True, integer=True)),
         scales=tuple(scales),
     )
+
+
+def _paper_split(d: dict[str, Any], where: _Where, demo: bool) -> dict[str, Any]:
+    """A dataset whose split is `paper` gets its `synthetic` split in a demo (synthetic cohorts are not the
+    authors' slides); `synthetic` is dropped otherwise. Checked here, so a bad source fails at load."""
+    split = _table(d.get("split", {}), where / "split")
+    if split.get("protocol") != "paper":
+        if demo and "synthetic" in split:  # a [demo] table gave its own split over the paper one
+            return {**d, "split": {k: v for k, v in split.items() if k not in ("synthetic", "source")}}
+        if "synthetic" in split:
+            raise (where / "split" / "synthetic").error("`synthetic` belongs to a split with protocol = \"paper\"")
+        return d
+    synthetic = dict(_table(split.get("synthetic", {}), where / "split" / "synthetic"))
+    _keys(synthetic, [k for k in _SPLIT if k not in ("source", "allow_missing", "synthetic")],
+          where / "split" / "synthetic")
+    from bench.data.paper import PAPER_SPLITS
+
+    source = split.get("source")
+    if source not in PAPER_SPLITS:
+        raise (where / "split" / "source").error(f"expected one of the shipped splits {', '.join(PAPER_SPLITS)}, "
+                                                 f"got {source!r}")
+    chosen = synthetic if demo else {k: v for k, v in split.items() if k != "synthetic"}
+    return {**d, "split": chosen}
 
 
 def _parse_dataset(d: Mapping[str, Any], where: _Where) -> DatasetSpec:
