@@ -167,7 +167,8 @@ def build_plan(suite: Suite, options: RunOptions, *, extract_shards: int = EXTRA
             for seed in seeds:
                 for fold in _folds(ds):
                     tag = f"{split_spec.protocol}-seed{seed}-fold{fold}"
-                    needs = tuple(prep_ids) + tuple(extract_ids.get(feature_key(method), ()))
+                    needs = tuple(prep_ids) + (tuple(extract_ids.get(feature_key(method), ()))
+                                               if method.paradigm == "two-stage" else ())
                     train = WorkItem(f"train/{ds.name}/{method.name}/{tag}", "train", ds.name, needs=needs,
                                      gpus=gpus, method=method.name, seed=seed, fold=fold,
                                      spec={**source, "params": params, "aggregator_params": agg, "seed": seed,
