@@ -17,6 +17,7 @@ from bench.common.errors import BenchError
 
 # (verb, module) in the order `bench --help` shows them: the path of one slide.
 COMMANDS: tuple[tuple[str, str], ...] = (
+    ("gdc", "bench.cli.commands.gdc"),
     ("synth", "bench.cli.commands.synth"),
     ("tile", "bench.cli.commands.tile"),
     ("split", "bench.cli.commands.split"),
