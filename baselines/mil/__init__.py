@@ -9,7 +9,8 @@ Example:
     ((1, 2), (1, 50))
 
 Registered names (`bench aggregators` lists them with sizes and defaults):
-mean, max, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx.
+mean, max, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx,
+clam-mb, rrt-mil, wikg, dtfd-mil.
 Every model projects the features to `hidden_dim` (512) first and follows the
 interface of `baselines.mil.base` (MILOutput; how the trainer weighs `aux_loss`).
 """
@@ -29,10 +30,14 @@ from baselines.mil.abmil import ABMIL
 from baselines.mil.abmilx import ABMILX
 from baselines.mil.base import MILAggregator, MILOutput, check_bag
 from baselines.mil.clam import CLAMSB
+from baselines.mil.clam_mb import CLAMMB
 from baselines.mil.dsmil import DSMIL
+from baselines.mil.dtfd import DTFDMIL
 from baselines.mil.gma import GMA
 from baselines.mil.pooling import MaxPoolMIL, MeanPoolMIL
+from baselines.mil.rrt import RRTMIL
 from baselines.mil.transmil import TransMIL
+from baselines.mil.wikg import WiKG
 from bench.common.errors import ConfigError
 from bench.common.registry import Registry
 
@@ -84,6 +89,10 @@ for _s in (
     _spec("dsmil", DSMIL, "dual-stream MIL, critical-instance attention (Li et al. 2021)"),
     _spec("gma", GMA, "gated MIL attention of the GMA paper (Campanella et al.)"),
     _spec("abmilx", ABMILX, "multi-head local attention + attention plus (ABMILX paper)"),
+    _spec("clam-mb", CLAMMB, "CLAM multi-branch: per-class attention and bag classifiers (Lu et al. 2021)"),
+    _spec("rrt-mil", RRTMIL, "regional re-embedding transformer (R-MSA + CR-MSA) + ABMIL (Tang et al. 2024)"),
+    _spec("wikg", WiKG, "dynamic top-k graph, knowledge-aware attention, attention readout (Li et al. 2024)"),
+    _spec("dtfd-mil", DTFDMIL, "double-tier feature distillation over pseudo-bags, AFS (Zhang et al. 2022)"),
 ):
     AGGREGATORS.register(_s.name, _s)
 del _s

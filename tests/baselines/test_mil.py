@@ -16,7 +16,9 @@ IN_DIM = 12
 SMALL = {"hidden_dim": 16}  # every aggregator takes hidden_dim; 16 keeps the suite fast
 # TransMIL's 256 landmarks cost 256^3 per pseudo-inverse step whatever the bag size;
 # 8 landmarks still exercise the front padding and the landmark groups on 20-instance bags.
-EXTRA = {"transmil": {"n_landmarks": 8}}
+# RRT-MIL: 8 x 8 regions leave one instance per region on 20-instance bags (CR-MSA is then zero, as the
+# authors' code gives); 2 x 2 regions of 9 instances exercise R-MSA, EPEG and CR-MSA.
+EXTRA = {"transmil": {"n_landmarks": 8}, "rrt-mil": {"region_num": 2}}
 NAMES = AGGREGATORS.names()
 
 
@@ -25,8 +27,10 @@ def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
 
 
 def test_registry_holds_every_aggregator_of_the_design():
-    assert set(NAMES) == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma", "abmilx"}
-    assert not AGGREGATORS.get("transmil").permutation_invariant
+    assert set(NAMES) == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma", "abmilx",
+                          "clam-mb", "rrt-mil", "wikg", "dtfd-mil"}
+    for name in ("transmil", "rrt-mil", "dtfd-mil"):  # regions / pseudo-bags follow the instance order
+        assert not AGGREGATORS.get(name).permutation_invariant, name
     for name in ("mean", "max", "abmil", "abmil-plain", "gma", "abmilx"):
         assert AGGREGATORS.get(name).permutation_invariant, name
     assert AGGREGATORS.get("clam-sb").aux_weight == 0.3  # CLAM: 0.7 bag + 0.3 instance
@@ -81,7 +85,7 @@ def test_every_parameter_receives_a_gradient(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["clam-sb", "dsmil"])
+@pytest.mark.parametrize("name", ["clam-sb", "clam-mb", "dsmil", "dtfd-mil"])
 def test_auxiliary_loss_only_in_training_with_label(name):
     model = small(name)
     x = torch.randn(2, 20, IN_DIM)
@@ -141,7 +145,7 @@ def test_permutation_invariance_where_promised(name):
     if AGGREGATORS.get(name).permutation_invariant:
         torch.testing.assert_close(out_perm.logits, out.logits, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(out_perm.attention, out.attention[:, perm], rtol=1e-9, atol=1e-10)
-    else:  # TransMIL: PPEG and the residual convolution see the order
+    else:  # TransMIL: PPEG sees the order; RRT-MIL: regions; DTFD-MIL: pseudo-bags
         assert not torch.allclose(out_perm.logits, out.logits, rtol=1e-6, atol=1e-8)
 
 
