@@ -9,7 +9,7 @@ Example:
     ((1, 2), (1, 50))
 
 Registered names (`bench aggregators` lists them with sizes and defaults):
-mean, max, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx,
+mean, max, maxmil, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx, abmilx-feat,
 clam-mb, rrt-mil, wikg, dtfd-mil.
 Every model projects the features to `hidden_dim` (512) first and follows the
 interface of `baselines.mil.base` (MILOutput; how the trainer weighs `aux_loss`).
@@ -82,6 +82,7 @@ AGGREGATORS: Registry[AggregatorSpec] = Registry[AggregatorSpec]("aggregator")
 for _s in (
     _spec("mean", MeanPoolMIL, "mean pooling of projected instances"),
     _spec("max", MaxPoolMIL, "max pooling of projected instances"),
+    _spec("maxmil", MaxPoolMIL, "max over per-instance logits (the ABMILX authors' MaxMIL)", pool="logits"),
     _spec("abmil", ABMIL, "gated attention MIL (Ilse et al. 2018), as in CLAM"),
     _spec("abmil-plain", ABMIL, "non-gated (tanh) attention MIL (Ilse et al. 2018)", gated=False),
     _spec("clam-sb", CLAMSB, "CLAM single-branch with instance clustering loss (Lu et al. 2021)"),
@@ -89,6 +90,8 @@ for _s in (
     _spec("dsmil", DSMIL, "dual-stream MIL, critical-instance attention (Li et al. 2021)"),
     _spec("gma", GMA, "gated MIL attention of the GMA paper (Campanella et al.)"),
     _spec("abmilx", ABMILX, "multi-head local attention + attention plus (ABMILX paper)"),
+    _spec("abmilx-feat", ABMILX, "ABMILX with the authors' two-stage feature config (no input LayerNorm, biases, "
+          "ReLU)", input_norm=False, bias=True, act="relu"),
     _spec("clam-mb", CLAMMB, "CLAM multi-branch: per-class attention and bag classifiers (Lu et al. 2021)"),
     _spec("rrt-mil", RRTMIL, "regional re-embedding transformer (R-MSA + CR-MSA) + ABMIL (Tang et al. 2024)"),
     _spec("wikg", WiKG, "dynamic top-k graph, knowledge-aware attention, attention readout (Li et al. 2024)"),

@@ -33,6 +33,9 @@ Choices where the paper is silent (all from the authors' code, DearCaat/E2E-WSI-
   `alpha` (1.0; the paper's fixed-alpha ablation uses 1);
 - the 512 x 512 bias-free projection after the concatenation: the paper's eq. 3
   does not show it, but its parameter count (0.80M at D = 1024) includes it.
+Two configurations: `abmilx` is appendix B.3's (input LayerNorm, no biases, GELU), the one
+the E2E trainer uses; `abmilx-feat` is the authors' two-stage feature configs
+(config/feat/fm_*.yaml: no input LayerNorm, biases, ReLU; GELU for survival via act="gelu").
 Departures from the authors' code (we follow the paper's equations): no
 LayerNorm on H^j before W^q/W^k, and no LayerNorm before the classifier.
 """
@@ -104,6 +107,8 @@ class ABMILX(MILAggregator):
         alpha: float = 1.0,
         learn_alpha: bool = True,
         attn_plus_impl: str = "sdpa",
+        input_norm: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__(in_dim, n_outputs, hidden_dim)
         self.n_heads = check_int("n_heads", n_heads)
@@ -118,23 +123,25 @@ class ABMILX(MILAggregator):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ConfigError(f"alpha must be a finite number, got {alpha!r}")
 
+        bias = check_bool("bias", bias)
         self.proj = input_projection(
-            in_dim, hidden_dim, dropout=check_prob("dropout", dropout), act=act, bias=False, input_norm=True
+            in_dim, hidden_dim, dropout=check_prob("dropout", dropout), act=act, bias=bias,
+            input_norm=check_bool("input_norm", input_norm),
         )
         # One MLP for every head: A^j = MLP(H^j).
         self.attention_mlp = nn.Sequential(
-            nn.Linear(self.head_dim, attn_dim, bias=False), activation(act), nn.Linear(attn_dim, 1, bias=False)
+            nn.Linear(self.head_dim, attn_dim, bias=bias), activation(act), nn.Linear(attn_dim, 1, bias=bias)
         )
         if self.attn_plus:
-            self.w_q = nn.Linear(self.head_dim, self.qk_head_dim, bias=False)
-            self.w_k = nn.Linear(self.head_dim, self.qk_head_dim, bias=False)
+            self.w_q = nn.Linear(self.head_dim, self.qk_head_dim, bias=bias)
+            self.w_k = nn.Linear(self.head_dim, self.qk_head_dim, bias=bias)
             alpha_t = torch.tensor(float(alpha))
             if check_bool("learn_alpha", learn_alpha):
                 self.alpha = nn.Parameter(alpha_t)
             else:
                 self.register_buffer("alpha", alpha_t)
-        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=False)
-        self.classifier = nn.Linear(hidden_dim, n_outputs, bias=False)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.classifier = nn.Linear(hidden_dim, n_outputs, bias=bias)
         xavier_init(self)
 
     def aggregate(self, x: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor | None) -> MILOutput:

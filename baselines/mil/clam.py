@@ -17,8 +17,9 @@ Departures from CLAM's code, all for bags CLAM never sees:
   instance contributes no instance loss;
 - padded positions are never selected; a batch of B bags averages their losses.
 - The smooth SVM is the smooth formula everywhere; the `topk` package switches
-  to the hard hinge when the top score is far ahead (the two agree there within
-  tau * log(1 + 1e-3)).
+  to the hard hinge when the top score is far ahead, where the two differ by at
+  most tau * log(1 + (C - 1) * exp(alpha / tau) / 1000) (C classes; 2.7e-3 for
+  the binary instance classifiers at alpha = tau = 1).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ sqrt(d_q)) over instances; the bag embedding per class is A^T V and a 1-D
 convolution over it (kernel = embedding size, equivalently a linear layer on the
 flattened (C, L) matrix) gives the bag logits.
 
-`logits` are the bag-stream logits; `aux_loss` is the cross-entropy of the
-max-instance prediction (training mode, class labels given). DSMIL trains with
+`logits` are the bag-stream logits; `aux_loss` is the loss of the max-instance
+prediction (training mode, class labels given): cross-entropy by default
+(`max_loss="ce"`, a departure), or dsmil-wsi's BCEWithLogits against the one-hot
+label (`max_loss="bce"`). DSMIL trains with
 0.5 * bag loss + 0.5 * max loss: `aux_weight = 0.5`. The instance classifier only
 learns through that auxiliary loss (the critical-instance choice is an argmax).
 
@@ -34,6 +36,7 @@ from baselines.mil.base import (
     MILAggregator,
     MILOutput,
     check_bool,
+    check_choice,
     check_int,
     check_prob,
     input_projection,
@@ -57,8 +60,10 @@ class DSMIL(MILAggregator):
         dropout_v: float = 0.0,
         nonlinear_q: bool = True,
         passing_v: bool = True,
+        max_loss: str = "ce",
     ) -> None:
         super().__init__(in_dim, n_outputs, hidden_dim)
+        self.max_loss = check_choice("max_loss", max_loss, ("ce", "bce"))
         self.proj = input_projection(in_dim, hidden_dim, dropout=check_prob("dropout", dropout))
         self.instance_classifier = nn.Linear(hidden_dim, n_outputs)
         q_dim = check_int("q_dim", q_dim)
@@ -90,7 +95,10 @@ class DSMIL(MILAggregator):
         logits = self.bag_classifier(bag.reshape(b, -1))  # (B, C)
         aux = None
         if self.training and label is not None:
-            aux = F.cross_entropy(max_scores, label)
+            if self.max_loss == "bce":  # dsmil-wsi: BCEWithLogits of the max scores against one-hot labels
+                aux = F.binary_cross_entropy_with_logits(max_scores, F.one_hot(label, self.n_outputs).to(max_scores.dtype))
+            else:
+                aux = F.cross_entropy(max_scores, label)
         return MILOutput(
             logits=logits,
             attention=class_attention.mean(dim=1),  # (B, N)

@@ -28,10 +28,10 @@ def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
 
 def test_registry_holds_every_aggregator_of_the_design():
     assert set(NAMES) == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma", "abmilx",
-                          "clam-mb", "rrt-mil", "wikg", "dtfd-mil"}
+                          "clam-mb", "rrt-mil", "wikg", "dtfd-mil", "maxmil", "abmilx-feat"}
     for name in ("transmil", "rrt-mil", "dtfd-mil"):  # regions / pseudo-bags follow the instance order
         assert not AGGREGATORS.get(name).permutation_invariant, name
-    for name in ("mean", "max", "abmil", "abmil-plain", "gma", "abmilx"):
+    for name in ("mean", "max", "maxmil", "abmil", "abmil-plain", "gma", "abmilx", "clam-mb", "wikg"):
         assert AGGREGATORS.get(name).permutation_invariant, name
     assert AGGREGATORS.get("clam-sb").aux_weight == 0.3  # CLAM: 0.7 bag + 0.3 instance
     assert AGGREGATORS.get("dsmil").aux_weight == 0.5

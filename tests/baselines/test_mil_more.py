@@ -177,3 +177,46 @@ def test_dtfd_instance_distillation_picks_by_the_last_class_cam(distill):
     a2 = torch.softmax(model.attention2(feats).squeeze(-1), dim=0)
     torch.testing.assert_close(model(x).logits[0], model.classifier2(a2 @ feats))
     assert math.isclose(float(model(x).attention.sum().detach()), 1.0, rel_tol=1e-9)
+
+
+def test_maxmil_takes_the_max_over_instance_logits_and_max_the_max_over_features():
+    x = torch.randn(1, 15, 12, dtype=torch.double)
+    m = build_aggregator("maxmil", 12, 3, seed=0, hidden_dim=16).double().eval()
+    h = m.proj(x)[0]
+    torch.testing.assert_close(m(x).logits[0], m.classifier(h).max(0).values)
+    f = build_aggregator("max", 12, 3, seed=0, hidden_dim=16).double().eval()
+    torch.testing.assert_close(f(x).logits[0], f.classifier(f.proj(x)[0].max(0).values))
+
+
+def test_dsmil_max_loss_bce_is_dsmil_wsi_bce_with_logits():
+    x = torch.randn(2, 10, 12)
+    label = torch.tensor([0, 2])
+    m = build_aggregator("dsmil", 12, 3, seed=0, hidden_dim=16, dropout=0.0, max_loss="bce").train()
+    scores = m.instance_classifier(m.proj(x)).max(dim=1).values  # (B, C)
+    expected = F.binary_cross_entropy_with_logits(scores, F.one_hot(label, 3).float())
+    torch.testing.assert_close(m(x, label=label).aux_loss, expected)
+
+
+def test_abmilx_feat_is_the_authors_two_stage_config():
+    feat = build_aggregator("abmilx-feat", 1024, 2)
+    plain = build_aggregator("abmilx", 1024, 2)
+    assert not any(isinstance(mod, torch.nn.LayerNorm) for mod in feat.proj)
+    assert isinstance(plain.proj[0], torch.nn.LayerNorm) and plain.proj[1].bias is None
+    assert feat.proj[0].bias is not None and isinstance(feat.proj[1], torch.nn.ReLU)
+    assert feat.classifier.bias is not None and feat.out_proj.bias is not None
+
+
+def test_smooth_svm_and_hard_hinge_differ_by_the_stated_bound():
+    """clam.py's docstring: tau * log(1 + (C-1) exp(alpha/tau) / 1000) where topk switches to the hinge."""
+    from baselines.mil.clam import smooth_top1_svm_loss
+
+    # the topk package switches to the hinge once the true score leads every other by tau * log(1000)
+    # (the margin alpha not counted); at that point the hinge is 0 and the smooth loss is the bound
+    for c in (2, 3):
+        logits = torch.zeros(1, c, dtype=torch.double)
+        logits[0, 0] = math.log(1000)
+        smooth = smooth_top1_svm_loss(logits, torch.tensor([0]), alpha=1.0, tau=1.0)
+        hinge = torch.clamp(logits[0, 1:] + 1.0 - logits[0, 0], min=0).max()  # 0 here
+        bound = math.log(1 + (c - 1) * math.exp(1.0) / 1000)
+        assert float(smooth - hinge) == pytest.approx(bound, rel=1e-9)
+    assert bound > math.log(1 + 1e-3)  # the old statement was too small
