@@ -10,8 +10,13 @@ magnification keeps every patch whose tissue fraction reaches a threshold.
 The coords file follows the CLAM/TRIDENT convention so their tools read it:
 dataset `coords` (N, 2) int64, level-0 top-left (x, y); attrs `patch_size`,
 `patch_size_level0`, `target_magnification`, `level0_magnification`, plus `mpp`
-(level 0), `level`, `downsample` (of that level), `target_downsample`,
-`read_size` and the tiling parameters. A `tissue` dataset (N,) holds each
+(level 0), `mpp_source` (the reader's: openslide, tiff, objective-power,
+override), `mpp_from` (override, vendor, tiff-tag, objective-power), `vendor`,
+`objective_power` when recorded, `level`, `downsample` (of that level),
+`target_downsample`, `read_size` and the tiling parameters. Implausible
+resolutions are refused before tiling (`check_resolution`), and each tiling
+folder gets `qc.csv`: per slide its mpp, where it came from, the level read and
+the patch size in microns (the same for every slide, whatever its scanner). A `tissue` dataset (N,) holds each
 patch's tissue fraction.
 """
 
@@ -462,6 +467,7 @@ def tile_slide_multi(
     pending = [i for i, o in enumerate(outcomes) if o is None]
     if pending:
         with Slide(slide_path, mpp=mpp) as slide:
+            check_resolution(slide, slide_id)
             segmented: dict[TissueParams, tuple[np.ndarray, float, TissueMask]] = {}
             for i in pending:
                 params, out_dir = targets[i]
@@ -476,6 +482,38 @@ def tile_slide_multi(
                 except (DataError, ConfigError) as exc:
                     outcomes[i] = exc
     return outcomes  # type: ignore[return-value]
+
+
+MPP_RANGE = (0.05, 10.0)  # plausible level-0 um/px: 0.05 (beyond any scanner) to 10 (a 1x overview)
+SCREEN_DPI = (72.0, 96.0, 300.0)  # TIFF resolutions that image software writes by default, not a scanner's
+
+
+def check_resolution(slide: Slide, slide_id: str) -> None:
+    """Refuse a resolution that cannot be the scanner's, naming the `mpp` override that fixes it.
+
+    A TIFF resolution tag in inches at 72, 96 or 300 dpi with no vendor mpp is a
+    software default (72 dpi would read as 352.8 um/px), and any mpp outside
+    `MPP_RANGE` is implausible; both are DataErrors (a skipped slide in a batch).
+    """
+    fix = ("give its level-0 microns per pixel with an `mpp` column in the cohort's labels.csv or an "
+           "`mpp = ...` key for the dataset in the suite (0.25 for a 40x scan, 0.5 for 20x)")
+    props = slide.properties
+    if slide.mpp_source != "override" and props.get("tiff.ResolutionUnit", "").lower() == "inch":
+        try:
+            dpi = float(props.get("tiff.XResolution", "nan"))
+        except ValueError:
+            dpi = math.nan
+        # OpenSlide's generic-tiff reader turns the tag into openslide.mpp-x: same number, no vendor's mpp
+        from_tag = math.isclose(slide.mpp, 25400.0 / dpi, rel_tol=1e-3) if dpi > 0 else False
+        if from_tag and any(math.isclose(dpi, d, rel_tol=1e-3) for d in SCREEN_DPI):
+            raise DataError(f"slide {slide_id} records no scanner resolution: its only one is a TIFF tag of "
+                            f"{dpi:g} dpi ({slide.mpp:.4g} um/px), a default of image software, not a "
+                            f"microscope's; {fix}")
+    low, high = MPP_RANGE
+    if not (low <= slide.mpp <= high):
+        source = "the `mpp` override" if slide.mpp_source == "override" else f"its {slide.mpp_source} properties"
+        raise DataError(f"slide {slide_id}: {source} give {slide.mpp:.4g} um/px at level 0, outside the plausible "
+                        f"{low:g}-{high:g} um/px; " + ("fix the override" if slide.mpp_source == "override" else fix))
 
 
 def _up_to_date(out_dir: Path, slide_id: str, params: TileParams, qc: bool, slide_path: Path,
@@ -552,6 +590,9 @@ def _tile_with_mask(slide: Slide, slide_id: str, out_dir: Path, params: TilePara
             "harness_version": __version__,
             "slide_bytes": int(slide.path.stat().st_size),
             "level_dimensions": np.asarray(slide.level_dimensions[choice.level], dtype=np.int64),
+            "mpp_from": resolution_origin(slide),
+            "vendor": str(slide.properties.get("openslide.vendor", "")),
+            **({"objective_power": power} if math.isfinite(power := _objective_power(slide)) else {}),
         },
     )
     if qc:
@@ -559,6 +600,27 @@ def _tile_with_mask(slide: Slide, slide_id: str, out_dir: Path, params: TilePara
     write_coords(coords_path, coords)
     return TileResult(slide_id, coords_path, qc_path if qc else None, len(coords_arr), tissue_mm2,
                       time.perf_counter() - start, False)
+
+
+def resolution_origin(slide: Slide) -> str:
+    """Where a slide's mpp came from, in the user's terms: override, vendor (the scanner's own metadata),
+    tiff-tag (only the TIFF resolution tags, which OpenSlide's generic-tiff reader also reports as
+    openslide.mpp-x) or objective-power (10 / power, no mpp recorded)."""
+    if slide.mpp_source == "override":
+        return "override"
+    if slide.mpp_source == "tiff" or (slide.mpp_source == "openslide"
+                                      and slide.properties.get("openslide.vendor") == "generic-tiff"):
+        return "tiff-tag"
+    return "vendor" if slide.mpp_source == "openslide" else str(slide.mpp_source)
+
+
+def _objective_power(slide: Slide) -> float:
+    """The vendor's objective power (openslide.objective-power), NaN when the file records none."""
+    try:
+        value = float(slide.properties.get("openslide.objective-power", "nan"))
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) and value > 0 else math.nan
 
 
 def save_qc(path: Path, thumb: np.ndarray, mask: TissueMask, coords: np.ndarray, ps0: int, thumb_ds: float) -> None:
@@ -673,7 +735,64 @@ def tile_slides_multi(
             executor.shutdown(cancel_futures=True)
     for report, (_, out_dir) in zip(reports, targets):
         write_skip_report(out_dir / "skipped.csv", report.skipped)
+        write_qc_table(out_dir / "qc.csv", report)
     return reports
+
+
+QC_COLUMNS = ("slide_id", "status", "mpp", "mpp_from", "vendor", "mpp_source", "objective_power", "level0_magnification", "level",
+              "level_downsample", "patch_size_level0", "patch_um", "n_patches", "tissue_mm2", "reason")
+
+
+def qc_rows(report: BatchReport) -> list[dict[str, object]]:
+    """One row per slide of a tiling: its resolution (mpp, where it came from, level read) or why it was skipped."""
+    import h5py
+
+    rows: list[dict[str, object]] = []
+    for r in report.done:
+        with h5py.File(r.coords_path, "r") as f:
+            a = dict(f.attrs)
+        mpp = float(a.get("mpp", math.nan))
+        ps0 = int(a.get("patch_size_level0", 0))
+        rows.append({"slide_id": r.slide_id, "status": "ok", "mpp": f"{mpp:.4g}",
+                     "mpp_from": str(a.get("mpp_from", "")), "vendor": str(a.get("vendor", "")),
+                     "mpp_source": str(a.get("mpp_source", "")),
+                     "objective_power": "" if not math.isfinite(float(a.get("objective_power", math.nan)))
+                     else f"{float(a['objective_power']):g}",
+                     "level0_magnification": f"{float(a.get('level0_magnification', math.nan)):.3g}",
+                     "level": int(a.get("level", 0)), "level_downsample": f"{float(a.get('downsample', 1)):.4g}",
+                     "patch_size_level0": ps0, "patch_um": f"{ps0 * mpp:.1f}", "n_patches": r.n_patches,
+                     "tissue_mm2": f"{r.tissue_area_mm2:.3g}", "reason": ""})
+    rows += [{"slide_id": sid, "status": "skipped", "reason": why} for sid, why in report.skipped]
+    return sorted(rows, key=lambda row: str(row["slide_id"]))
+
+
+def write_qc_table(path: Path, report: BatchReport) -> None:
+    """`qc.csv` of a tiling folder (QC_COLUMNS); says once on stderr when its slides mix resolutions.
+
+    Every patch spans the same physical size (`patch_um`) whatever the slide's mpp: the level and
+    read size follow each slide's resolution. Unchanged content is not rewritten.
+    """
+    rows = qc_rows(report)
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=QC_COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    text = buffer.getvalue()
+    mpps = sorted({str(r["mpp"]) for r in rows if r["status"] == "ok"}, key=float)
+    if len(mpps) > 1:
+        sizes = sorted({str(r["patch_um"]) for r in rows if r["status"] == "ok"}, key=float)
+        info(f"{path.parent}: slides at {len(mpps)} resolutions ({', '.join(mpps[:6])}{' ...' if len(mpps) > 6 else ''}"
+             f" um/px); every patch spans {' / '.join(sizes[:3])} um (see {path.name})")
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def write_skip_report(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
@@ -730,7 +849,7 @@ def summarize(report: BatchReport, out_dir: Path) -> None:
 __all__ = [
     "Coords", "TileParams", "TissueParams", "TissueMask", "TileResult", "SlideJob", "BatchReport",
     "otsu_threshold", "tissue_mask", "patch_grid", "tissue_fractions", "read_coords", "write_coords",
-    "write_skip_report", "read_skip_report",
+    "write_skip_report", "read_skip_report", "check_resolution", "qc_rows", "write_qc_table", "MPP_RANGE",
     "tile_slide", "tile_slide_multi", "tile_slides", "tile_slides_multi", "save_qc", "binary_closing_square",
     "binary_opening_square", "erode_cross",
 ]
