@@ -144,6 +144,19 @@ def test_three_workers_give_the_records_of_one_process_and_run_each_item_once(su
     assert _item_runs(work) == runs
 
 
+@pytest.mark.slow
+def test_bench_run_with_the_local_executor_gives_the_records_of_one_process(suite_file, reference):
+    work = suite_file.parent / "local"
+    done = subprocess.run(_bench("run", *_common(suite_file, work), "--executor", "local", "--jobs", "2"),
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _metrics(work) == reference
+    assert "2 local worker(s)" in done.stderr and "items: done 13" in done.stderr
+    assert "| abmil" in done.stdout or "abmil" in done.stdout  # the leaderboard is printed
+    runs = _item_runs(work)
+    assert all(runs[("done", i)] == 1 for _, i in runs) and len({i for _, i in runs}) == 13
+
+
 @pytest.mark.faults
 def test_a_sigkilled_worker_is_taken_over_and_the_suite_completes(suite_file, reference):
     work = suite_file.parent / "killed"
@@ -193,10 +206,12 @@ def test_the_slurm_path_through_submitit_local_executor_runs_a_gma_item(suite_fi
     jobs = submit_slurm(spec, 2, SlurmOptions(time_min=20), cluster="local")
     assert len(jobs) == 3  # an array of 2 workers plus the allocation for the GMA item (nproc 3 > 1 GPU a worker)
     results = [job.result() for job in jobs]
-    assert sum(len(r["items"]) for r in results) == 1 + 2 + 1 + 4 + 3 + 1  # cohort, 2 tiles, split, shards, train
     from bench.orchestration.suite import load_suite
 
     plan = build_plan(load_suite(path, demo=True), options)
+    assert len(plan.items) == 1 + 1 + 1 + 4 + 3 + 1  # cohort, tiling (shared), split, 4 shards, 3 train, leaderboard
+    ran = [i["id"] for r in results for i in r["items"] if i["status"] == "ok"]
+    assert sorted(ran) == sorted(it.id for it in plan.items)  # each item once, over the three jobs
     assert counts(item_states(Context(plan, readonly=True)))["done"] == len(plan.items)
     gma = json.loads(next((options.workdir / "runs").rglob("gma/*/run.json")).read_text())
     assert gma["status"] == "ok" and len(gma["extra"]["ranks"]) == 3

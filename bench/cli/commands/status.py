@@ -58,6 +58,18 @@ def run(args: argparse.Namespace) -> int:
         print(tabulate([[s.item.id, s.state, s.record.get("attempts") if s.record else "",
                          (s.error or "")[:100]] for s in failed],
                        headers=["failed item", "state", "attempts", "error"], tablefmt="github"))
+    per_worker: dict[str, list[float]] = {}
+    for s in states:  # extraction throughput of each worker (slides extracted / seconds), from the item records
+        rec = s.record or {}
+        if s.item.kind == "extract" and rec.get("status") == "ok" and rec.get("extracted"):
+            acc = per_worker.setdefault(f"{rec.get('worker')} ({rec.get('host')}, {rec.get('device')})", [0, 0.0])
+            acc[0] += int(rec["extracted"])
+            acc[1] += float(rec.get("seconds") or 0.0)
+    if per_worker:
+        print()
+        print(tabulate([[w, n, f"{secs:.1f}", f"{n / secs:.2f}" if secs > 0 else ""]
+                        for w, (n, secs) in sorted(per_worker.items())],
+                       headers=["extracting worker", "slides", "seconds", "slides/s"], tablefmt="github"))
     if args.items:
         print()
         print(tabulate([[s.item.id, s.state, s.item.gpus] for s in states], headers=["item", "state", "gpus"],
