@@ -787,12 +787,67 @@ def write_qc_table(path: Path, report: BatchReport) -> None:
         info(f"{path.parent}: slides at {len(mpps)} resolutions ({', '.join(mpps[:6])}{' ...' if len(mpps) > 6 else ''}"
              f" um/px); every patch spans {' / '.join(sizes[:3])} um (see {path.name})")
     try:
-        if path.read_text(encoding="utf-8") == text:
-            return
+        same = path.read_text(encoding="utf-8") == text
     except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8", newline="")
+    write_qc_overview(path.parent / "qc_overview.png", rows, path.parent / "qc")
+
+
+OVERVIEW_PER_GROUP = 8  # thumbnails per resolution row of qc_overview.png
+OVERVIEW_GROUPS = 6
+_CELL = 160
+
+
+def write_qc_overview(path: Path, rows: Sequence[dict[str, object]], qc_dir: Path) -> Path | None:
+    """One page of QC thumbnails (tissue contour + patches), one row per resolution (mpp and where it came from).
+
+    Each row shows up to OVERVIEW_PER_GROUP slides of that resolution and how many it has, so a
+    cohort's scanners are visible at a glance; skipped slides are counted in the title. Nothing
+    is written without QC thumbnails; an unchanged page is not rewritten.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((str(r["mpp"]), str(r["mpp_from"])), []).append(str(r["slide_id"]))
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), float(kv[0][0])))[:OVERVIEW_GROUPS]
+    if not ordered or not any((qc_dir / f"{sid}.png").exists() for _, ids in ordered for sid in ids):
+        return None
+    label_w, title_h, cap_h = 170, 24, 14
+    width = label_w + OVERVIEW_PER_GROUP * _CELL
+    page = Image.new("RGB", (width, title_h + len(ordered) * (_CELL + cap_h)), "white")
+    draw = ImageDraw.Draw(page)
+    skipped = sum(r["status"] != "ok" for r in rows)
+    more = len(groups) - len(ordered)
+    draw.text((6, 6), f"{sum(len(v) for v in groups.values())} slides tiled at {len(groups)} resolution(s)"
+              + (f" ({more} not shown)" if more else "") + (f"; {skipped} skipped (see qc.csv)" if skipped else ""),
+              fill="black")
+    for g, ((mpp, origin), ids) in enumerate(ordered):
+        top = title_h + g * (_CELL + cap_h)
+        draw.text((6, top + 4), f"{mpp} um/px\n{origin}\n{len(ids)} slide(s)", fill="black")
+        for k, sid in enumerate(sorted(ids)[:OVERVIEW_PER_GROUP]):
+            left = label_w + k * _CELL
+            try:
+                with Image.open(qc_dir / f"{sid}.png") as im:
+                    thumb = im.convert("RGB")
+                    thumb.thumbnail((_CELL - 6, _CELL - 6))
+            except (OSError, ValueError):
+                continue  # a slide without a QC thumbnail: its cell stays blank
+            page.paste(thumb, (left + 3, top + 3))
+            draw.text((left + 3, top + _CELL), sid[:24], fill="black")
+    buffer = io.BytesIO()
+    page.save(buffer, format="PNG", optimize=False)
+    data = buffer.getvalue()
+    try:
+        if path.read_bytes() == data:
+            return path
+    except OSError:
         pass
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
+        tmp.write_bytes(data)
+    return path
 
 
 def write_skip_report(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
@@ -849,7 +904,8 @@ def summarize(report: BatchReport, out_dir: Path) -> None:
 __all__ = [
     "Coords", "TileParams", "TissueParams", "TissueMask", "TileResult", "SlideJob", "BatchReport",
     "otsu_threshold", "tissue_mask", "patch_grid", "tissue_fractions", "read_coords", "write_coords",
-    "write_skip_report", "read_skip_report", "check_resolution", "qc_rows", "write_qc_table", "MPP_RANGE",
+    "write_skip_report", "read_skip_report", "check_resolution", "qc_rows", "write_qc_table", "write_qc_overview",
+    "MPP_RANGE",
     "tile_slide", "tile_slide_multi", "tile_slides", "tile_slides_multi", "save_qc", "binary_closing_square",
     "binary_opening_square", "erode_cross",
 ]

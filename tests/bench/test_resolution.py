@@ -79,3 +79,22 @@ def test_coords_and_qc_table_carry_mpp_source_and_level(tmp_path):
     assert int(rows["a"]["patch_size_level0"]) == 2 * int(rows["b"]["patch_size_level0"])
     # an Aperio description: OpenSlide's aperio reader, the scanner's own mpp and objective power
     assert (rows["c"]["vendor"], rows["c"]["mpp_from"], rows["c"]["objective_power"]) == ("aperio", "vendor", "20")
+
+
+def test_qc_overview_groups_slides_by_resolution(tmp_path):
+    from PIL import Image
+
+    slides = {"a": _tiff(tmp_path / "a.tif", resolution=1e4 / 0.25, unit="CENTIMETER"),
+              "b": _tiff(tmp_path / "b.tif", resolution=1e4 / 0.5, unit="CENTIMETER"),
+              "web": _tiff(tmp_path / "web.tif", resolution=72, unit="INCH")}
+    out = tmp_path / "tiles"
+    jobs = [SlideJob(k, v) for k, v in slides.items()] + [SlideJob("b2", slides["b"])]
+    tile_slides(jobs, out, TileParams(magnification=10, patch_size=64))
+    page = Image.open(out / "qc_overview.png")
+    assert page.size == (170 + 8 * 160, 24 + 2 * (160 + 14))  # two resolution rows: 0.5 (2 slides), 0.25 (1)
+    arr = np.asarray(page.convert("RGB"))
+    first_row = arr[24:24 + 160, 170:170 + 2 * 160]
+    assert (first_row != 255).any(axis=2).mean() > 0.3  # thumbnails pasted, not a blank page
+    stamp = (out / "qc_overview.png").stat().st_mtime_ns
+    tile_slides(jobs, out, TileParams(magnification=10, patch_size=64))
+    assert (out / "qc_overview.png").stat().st_mtime_ns == stamp  # an unchanged page is not rewritten
