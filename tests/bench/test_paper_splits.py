@@ -264,3 +264,19 @@ def test_paper_split_in_a_suite_file(tmp_path):
         parse_suite(suite({**paper_split, "synthetic": {"source": "x"}}))
     with pytest.raises(ConfigError, match="belongs to a split with protocol"):
         parse_suite(suite({"protocol": "holdout", "synthetic": {}}))
+
+
+def test_bench_split_writes_the_paper_split(tmp_path, capsys):
+    from bench.cli.main import main
+
+    name = "abmilx-tcga-brca-subtyping"
+    paper_cohort(tmp_path / "BRCA", name, drop=5)
+    args = ["split", "--cohort", str(tmp_path / "BRCA"), "--out", str(tmp_path / "work"), "--dataset", "tcga-brca",
+            "--protocol", "paper", "--source", name]
+    assert main(args) == 2 and "5 of the 985 slides" in capsys.readouterr().err
+    assert main(args + ["--allow-missing-slides"]) == 0
+    splits = load_splits(tmp_path / "work" / "splits" / "tcga-brca" / "paper-seed0.csv")
+    parts = read_paper_split(name).set_index("slide_id")["part"]
+    kept = parts.drop(paper_labels(name)["slide_id"].iloc[:5])
+    assert len(splits.table) == 980
+    assert {p: len(splits.ids(0, p)) for p in ("train", "val", "test")} == kept.value_counts().to_dict()
