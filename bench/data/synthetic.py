@@ -651,18 +651,21 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path, *, workers: int = 1) -
     return out_dir
 
 
+PLANTED_EXPECTED = {  # what each knob plants, in words (cohort.json, leaderboards)
+    "witness_rate": "the lower, the fewer patches carry the label: mean pooling falls toward chance first, "
+                    "attention MIL (instance selection) holds out longer",
+    "lesion_contrast": "the lower, the subtler the lesion nuclei: a frozen random-init encoder separates them "
+                       "worse, so training the encoder end-to-end helps more",
+    "label_noise": "the share of recorded labels that contradict the lesions: every method's ceiling drops to "
+                   "about 1 - noise",
+    "hazard_strength": "how strongly risk rises with lesion burden: 0 makes every C-index 0.5 in expectation",
+}
+
+
 def planted_effects(spec: SyntheticSpec) -> dict[str, dict[str, Any]]:
     """The knobs a cohort was made with, each with the consequence it plants (written to cohort.json)."""
-    expected = {
-        "witness_rate": "the lower, the fewer patches carry the label: mean pooling falls toward chance first, "
-                        "attention MIL (instance selection) holds out longer",
-        "lesion_contrast": "the lower, the subtler the lesion nuclei: a frozen random-init encoder separates them "
-                           "worse, so training the encoder end-to-end helps more",
-        "label_noise": "the share of recorded labels that contradict the lesions: every method's ceiling drops to "
-                       "about 1 - noise",
-        "hazard_strength": "how strongly risk rises with lesion burden: 0 makes every C-index 0.5 in expectation",
-    }
-    return {k: {"value": getattr(spec, k), "expected": expected[k]} for k, *_ in KNOBS if getattr(spec, k) is not None}
+    return {k: {"value": getattr(spec, k), "expected": PLANTED_EXPECTED[k]}
+            for k, *_ in KNOBS if getattr(spec, k) is not None}
 
 
 # --- ground truth for attention scoring -------------------------------------------------------------

@@ -629,6 +629,56 @@ def _reported_section(source: str, reported: pd.DataFrame, data_name: str, kind:
 # ----------------------------------------------------------------------------- footer
 
 
+def planted_lines(rows: Sequence[MethodRow], expected: Sequence[Mapping[str, Any]], primary: str) -> list[str]:
+    """Markdown lines naming each planted effect and whether the table recovers it.
+
+    Each expectation is {"better", "than": method names, "planted": knob, "value": its setting, "expected": what
+    the knob should do}. Recovered = the paired bootstrap interval of better - than on the primary metric lies
+    above 0 on every common split (the same test as the `vs best` column, one-sided in the expected direction).
+    """
+    from bench.evaluation.metrics import paired_bootstrap
+
+    by_method = {row.method: row for row in rows}
+    label = METRIC_LABELS.get(primary, primary)
+    lines = []
+    for e in expected:
+        head = (f"**Planted effect**: `{e['planted']}` = {e['value']:g} ({e['expected']}). Expected: "
+                f"`{e['better']}` above `{e['than']}` on {label}. ")
+        a, b = by_method.get(e["better"]), by_method.get(e["than"])
+        if a is None or b is None:
+            missing = " and ".join(f"`{m}`" for m, row in ((e["better"], a), (e["than"], b)) if row is None)
+            lines += [head + f"Not checked: no finished run of {missing}.", ""]
+            continue
+        theirs = {r.split: r for r in b.records}
+        results = []
+        for ra in a.records:
+            if ra.split not in theirs:
+                continue
+            ci = ra.metrics[primary]
+            try:
+                results.append(paired_bootstrap(ra.task(), ra.predictions(), theirs[ra.split].predictions(), primary,
+                                                n_resamples=int(ci["n_resamples"]), seed=int(ci["seed"]),
+                                                confidence=float(ci.get("confidence", 0.95))))
+            except (DataError, MissingFileError) as exc:
+                lines += [head + f"Not checked: {_one_line(str(exc))}", ""]
+                break
+        else:
+            if not results:
+                lines += [head + "Not checked: the two methods share no split.", ""]
+                continue
+            r = results[0]
+            found = (f"Found: {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}], paired bootstrap {_fmt_p(r.p_value)}"
+                     + (f" (first of {len(results)} splits)" if len(results) > 1 else ""))
+            if all(x.low > 0 for x in results):
+                verdict = "**recovered**: the interval lies above 0."
+            elif any(x.high < 0 for x in results):
+                verdict = "**reversed**: the interval lies below 0 on a split."
+            else:
+                verdict = "**not recovered**: the interval contains 0 (no significant difference)."
+            lines += [head + found + " — " + verdict, ""]
+    return lines
+
+
 def _operating_point_lines(records: Sequence[RunRecord]) -> list[str]:
     """How the threshold-dependent metrics decided: the validation-chosen thresholds, and the fallbacks."""
     points = [(r, r.data.get("operating_point")) for r in records if r.ok and r.data.get("operating_point")]
@@ -740,7 +790,7 @@ def _unreadable_lines(unreadable: Sequence[Unreadable]) -> list[str]:
 
 def _dataset_section(recs: Sequence[RunRecord], unreadable: Sequence[Unreadable], workdir: Path, suite: str,
                      out_dir: Path, paper: pd.DataFrame | None, reported: str | None,
-                     data_name: str) -> tuple[list[str], list[RunRecord], int]:
+                     data_name: str, expected: Sequence[Mapping[str, Any]] = ()) -> tuple[list[str], list[RunRecord], int]:
     """(Markdown lines, records on the split files the table uses, number not ranked) of one dataset."""
     if not recs:
         return ["No readable record of this dataset.", *_unreadable_lines(unreadable)], [], 0
@@ -760,6 +810,8 @@ def _dataset_section(recs: Sequence[RunRecord], unreadable: Sequence[Unreadable]
     if rows:
         rows = _sort_rows(rows, primary, higher)
         comparisons = {row.method: compare(rows[0], row, primary) for row in rows[1:]}
+        if any(r.data.get("synthetic") for r in recs):  # planted effects exist on synthetic cohorts only
+            lines += planted_lines(rows, expected, primary)
         lines.append(measured_table(rows, comparisons, task))
         lines += [f"- n/a vs best for {m}: {_one_line(c.reason)}" for m, c in comparisons.items()
                   if c.p_value is None]
@@ -794,7 +846,8 @@ def _dataset_section(recs: Sequence[RunRecord], unreadable: Sequence[Unreadable]
 
 def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bool = False,
                       reported: str | None = None, command: str | None = None,
-                      data_names: Mapping[str, str] | None = None) -> Path:
+                      data_names: Mapping[str, str] | None = None,
+                      expectations: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Path:
     """Write `out_dir/<suite>.md` and `out_dir/<suite>/*.png` from the run records of `suite`.
 
     Args:
@@ -805,6 +858,8 @@ def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bo
         reported: a source of `bench/evaluation/reported.csv` (e.g. "abmilx") to show the paper's numbers.
         command: the command that reproduces the runs (default: each record's command).
         data_names: dataset name -> `data` name for matching reported rows (default: the dataset name itself; the runner and `bench leaderboard` pass the suite's).
+        expectations: dataset name -> planted contrasts to check (`planted_lines`); the runner and
+            `bench leaderboard` pass the suite's `expect` entries with their knob values.
 
     Returns:
         The path of the Markdown file.
@@ -842,7 +897,8 @@ def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bo
     for dataset, recs in by_dataset.items():
         lines += [f"## {dataset or 'Run folders outside a dataset folder'}", ""]
         section, on_split, off = _dataset_section(recs, unreadable_of.get(dataset, []), workdir, suite, out_dir,
-                                                  paper, reported, names.get(dataset, dataset))
+                                                  paper, reported, names.get(dataset, dataset),
+                                                  (expectations or {}).get(dataset, ()))
         lines += [*section, ""]
         ranked_splits += on_split
         n_off += off

@@ -662,7 +662,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
             report.leaderboard = build_leaderboard(
                 Path(options.workdir), suite.name, Path(options.leaderboards), synthetic=suite.demo,
                 reported=suite.reported, command=options.command,
-                data_names={d.name: d.data for d in suite.datasets})
+                data_names={d.name: d.data for d in suite.datasets}, expectations=suite.expectations())
     report.stage_seconds = timer.to_dict()
     _write_stage_times(Path(options.workdir), suite.name, report)
     return report

@@ -183,6 +183,8 @@ class DatasetSpec:
     e2e: Tiling
     synthetic: Mapping[str, Any]
     task_params: Mapping[str, Any]
+    # planted effects the leaderboard checks: ({"better", "than", "planted"}, ...), synthetic cohorts only
+    expect: tuple[Mapping[str, str], ...] = ()
 
     def split_spec(self) -> Any:
         from bench.data.splits import SplitSpec
@@ -232,6 +234,13 @@ class Suite:
     def method_params(self, method: MethodSpec) -> dict[str, Any]:
         """Trainer parameters of a method: the paradigm's defaults, then the method's own."""
         return {**thaw(self.defaults.get(method.paradigm, {})), **thaw(method.params)}
+
+    def expectations(self) -> dict[str, list[dict[str, Any]]]:
+        """Dataset -> its planted contrasts with the knob's value and effect, for `build_leaderboard`."""
+        from bench.data.synthetic import PLANTED_EXPECTED
+
+        return {d.name: [{**e, "value": float(d.synthetic[e["planted"]]), "expected": PLANTED_EXPECTED[e["planted"]]}
+                         for e in d.expect] for d in self.datasets if d.expect}
 
     def allowing_missing_slides(self) -> Suite:
         """The suite with `allow_missing = true` on every `paper` split (`bench run --allow-missing-slides`)."""
@@ -301,7 +310,7 @@ def load_suite(name_or_path: str | Path, *, demo: bool = False) -> Suite:
 
 _TOP = ("name", "description", "seeds", "bootstrap", "reported", "encoders", "defaults", "datasets", "methods", "demo")
 _DATASET = ("name", "task", "classes", "data", "labels", "mpp", "primary_metric", "oversample", "folds", "split",
-            "two_stage", "e2e", "synthetic", "task_params")
+            "two_stage", "e2e", "synthetic", "task_params", "expect")
 _METHOD = ("name", "paradigm", "encoder", "encoders", "aggregator", "aggregators", "params", "aggregator_params",
            "weights", "random_init", "search")
 _DEMO = ("description", "seeds", "defaults", "datasets", "methods")
@@ -355,6 +364,12 @@ def parse_suite(raw: Mapping[str, Any], *, source: str = "<suite>", demo: bool =
     for i, m in enumerate(methods_raw):
         methods += _parse_methods(_table(m, mwhere / i), mwhere / i)
     _unique([m.name for m in methods], "method", mwhere)
+    known = [m.name for m in methods]
+    for i, d in enumerate(datasets):
+        for j, e in enumerate(d.expect):
+            for key in ("better", "than"):
+                if e[key] not in known:
+                    raise (top / "datasets" / i / "expect" / j / key).error(_unknown("method", e[key], known, name))
 
     seeds_raw = demo_raw.get("seeds", raw.get("seeds", [0])) if demo else raw.get("seeds", [0])
     if not isinstance(seeds_raw, list) or not seeds_raw:
@@ -477,7 +492,30 @@ def _parse_dataset(d: Mapping[str, Any], where: _Where) -> DatasetSpec:
         two_stage=_parse_tiling(d.get("two_stage", {}), where / "two_stage", 20.0),
         e2e=_parse_tiling(d.get("e2e", {}), where / "e2e", 10.0),
         synthetic=_freeze(synthetic), task_params=_freeze(_table(d.get("task_params", {}), where / "task_params")),
+        expect=_parse_expect(d.get("expect", []), synthetic, where / "expect"),
     )
+
+
+def _parse_expect(raw: Any, synthetic: Mapping[str, Any], where: _Where) -> tuple[Mapping[str, str], ...]:
+    """`expect = [{ better = METHOD, than = METHOD, planted = KNOB }]`: a contrast the cohort's knob plants."""
+    from bench.data.synthetic import KNOBS
+
+    if not isinstance(raw, list):
+        raise where.error(f"expected a list of {{ better, than, planted }} tables, got {raw!r}")
+    out = []
+    for i, e in enumerate(raw):
+        w = where / i
+        e = _table(e, w)
+        _keys(e, ("better", "than", "planted"), w, required=("better", "than", "planted"))
+        knob = _str(e["planted"], w / "planted", [k for k, *_ in KNOBS])
+        if synthetic.get(knob) is None:
+            raise (w / "planted").error(f"the dataset's synthetic cohort does not set {knob}; an expectation needs "
+                                        f"the knob that plants it (synthetic = {{ ..., {knob} = ... }})")
+        better, than = _str(e["better"], w / "better"), _str(e["than"], w / "than")
+        if better == than:
+            raise w.error(f"better and than name the same method {better!r}")
+        out.append(_freeze({"better": better, "than": than, "planted": knob}))
+    return tuple(out)
 
 
 def _parse_search(raw: Any, where: _Where) -> dict[str, SearchParam]:

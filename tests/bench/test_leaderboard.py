@@ -461,3 +461,36 @@ def test_golden_leaderboard(tmp_path, monkeypatch):
                               "regenerate it with UPDATE_GOLDEN=1 (see this test's docstring) and review the diff")
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text):
         assert (out / link).is_file()
+
+
+def test_planted_effects_are_named_and_checked_by_the_paired_bootstrap(board, tmp_path):
+    work, _, _, _ = board
+    knob = {"planted": "witness_rate", "value": 0.1, "expected": "mean pooling falls toward chance first"}
+    expect = [{"better": "two-stage/r18/abmil", "than": "two-stage/r18/mean", **knob},   # strong > mid: recovered
+              {"better": "two-stage/r18/mean", "than": "two-stage/r18/abmil", **knob},   # the other way: reversed
+              {"better": "two-stage/r18/abmil", "than": "e2e/r18/abmilx", **knob},       # twins: not recovered
+              {"better": "two-stage/r18/abmil", "than": "two-stage/r18/transmil", **knob}]  # failed run
+    path = build_leaderboard(work, "subtyping", tmp_path / "out", expectations={"tcga-brca": expect})
+    section = _section(path.read_text(encoding="utf-8"), "## tcga-brca")
+    planted = [ln for ln in section.splitlines() if ln.startswith("**Planted effect**")]
+    assert len(planted) == 4
+    assert section.index("**Planted effect**") < section.index("| paradigm")  # next to (above) the table
+    assert all("`witness_rate` = 0.1 (mean pooling falls toward chance first)" in ln for ln in planted)
+    assert planted[0].endswith("**recovered**: the interval lies above 0.")
+    assert planted[1].endswith("**reversed**: the interval lies below 0 on a split.")
+    assert planted[2].endswith("**not recovered**: the interval contains 0 (no significant difference).")
+    assert "Not checked: no finished run of `two-stage/r18/transmil`." in planted[3]
+    # the figures are those of the paired bootstrap on the records' own resamples
+    from bench.evaluation.metrics import paired_bootstrap
+
+    a = load_run(Layout(work).run_dir("subtyping", "tcga-brca", "two-stage/r18/abmil", "holdout-seed0-fold0"))
+    b = load_run(Layout(work).run_dir("subtyping", "tcga-brca", "two-stage/r18/mean", "holdout-seed0-fold0"))
+    r = paired_bootstrap(a.task(), a.predictions(), b.predictions(), "auc", n_resamples=N_BOOT, seed=0)
+    assert f"Found: {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}]" in planted[0]
+    # real (non-synthetic) records: no planted-effect lines even when asked
+    real = tmp_path / "real"
+    task = make_task("classification", classes=("IDC", "ILC"))
+    for method, frame in _classification().items():
+        _record(real, "subtyping", "tcga-brca", task, method, frame, synthetic=False)
+    text = build_leaderboard(real, "subtyping", tmp_path / "out2", expectations={"tcga-brca": expect}).read_text()
+    assert "Planted effect" not in text

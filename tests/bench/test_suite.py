@@ -174,3 +174,28 @@ def test_a_bad_parameter_value_fails_before_any_stage(tmp_path):
         run_suite(suite, RunOptions(workdir=work, leaderboards=None))
     assert str(path) in str(err.value) and "epochs" in str(err.value) and "d1" in str(err.value)
     assert not work.exists()  # nothing synthesised, tiled or split
+
+
+def test_planted_expectations_are_validated_and_carry_the_knob(tmp_path):
+    base = MINIMAL.replace('task = "classification"\n', 'task = "classification"\n'
+                           'synthetic = { kind = "subtyping", witness_rate = 0.1 }\n{expect}\n', 1)
+    ok = 'expect = [{ better = "two-stage/resnet18-trunc/abmil", than = "two-stage/resnet18-trunc/mean", planted = "witness_rate" }]'
+    suite = load_suite(write(tmp_path, base.replace("{expect}", ok)))
+    (e,) = suite.expectations()["d1"]
+    assert (e["better"], e["than"], e["planted"], e["value"]) == (
+        "two-stage/resnet18-trunc/abmil", "two-stage/resnet18-trunc/mean", "witness_rate", 0.1)
+    assert "mean pooling" in e["expected"]
+    bad = {
+        ok.replace("two-stage/resnet18-trunc/mean", "two-stage/resnet18-trunc/meen"): "unknown method 'two-stage/resnet18-trunc/meen'",
+        ok.replace('"witness_rate"', '"lesion_contrast"'): "does not set lesion_contrast",
+        ok.replace('"witness_rate"', '"witness"'): "witness",
+        ok.replace("two-stage/resnet18-trunc/mean", "two-stage/resnet18-trunc/abmil"): "the same method",
+        ok.replace(', planted = "witness_rate"', ""): "missing required key 'planted'",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match="expect") as err:
+            load_suite(write(tmp_path, base.replace("{expect}", text)))
+        assert message in str(err.value), str(err.value)
+    # the built-in demos plant at least one contrast per subtyping dataset, none in the real suites
+    demo = load_suite("subtyping", demo=True).expectations()
+    assert set(demo) == {"tcga-brca", "tcga-nsclc"} and not load_suite("subtyping").expectations()

@@ -28,14 +28,21 @@ def run(args: argparse.Namespace) -> int:
     from bench.evaluation.leaderboard import build_leaderboard
     from bench.orchestration.suite import builtin_suites, load_suite
 
-    name, reported, data_names = args.suite, None, None
+    from bench.common.errors import ConfigError
+
+    name, reported, data_names, expectations = args.suite, None, None, None
     if args.suite in builtin_suites() or args.suite.endswith(".toml"):
         suite = load_suite(args.suite)
         name, reported = suite.name, suite.reported
         data_names = {d.name: d.data for d in suite.datasets}
+        try:  # the planted effects of the demo cohorts (checked only on synthetic records)
+            expectations = load_suite(args.suite, demo=True).expectations()
+        except ConfigError:  # no [demo] table
+            expectations = None
     if args.reported is not None:
         reported = None if args.reported.lower() == "none" else args.reported
-    path = build_leaderboard(Path(args.workdir), name, Path(args.out), reported=reported, data_names=data_names)
+    path = build_leaderboard(Path(args.workdir), name, Path(args.out), reported=reported, data_names=data_names,
+                             expectations=expectations)
     print(path.read_text(encoding="utf-8"))
     info(f"leaderboard: {path}")
     return 0
