@@ -280,3 +280,55 @@ def test_bench_split_writes_the_paper_split(tmp_path, capsys):
     kept = parts.drop(paper_labels(name)["slide_id"].iloc[:5])
     assert len(splits.table) == 980
     assert {p: len(splits.ids(0, p)) for p in ("train", "val", "test")} == kept.value_counts().to_dict()
+
+
+PAPER_SUITE = """
+name = "paper-check"
+[[datasets]]
+name = "tcga-brca"
+task = "classification"
+classes = ["IDC", "ILC"]
+data = "TCGA-BRCA"
+split = { protocol = "paper", source = "abmilx-tcga-brca-subtyping" }
+two_stage = { magnification = 10, patch_size = 64, input_size = 64 }
+[[methods]]
+paradigm = "two-stage"
+encoder = "resnet18-trunc"
+aggregator = "mean"
+random_init = true
+params = { epochs = 2 }
+"""
+
+
+@pytest.mark.slow
+def test_bench_run_records_the_authors_split(synthetic_cohort, tmp_path):
+    """`bench run --data-root` end to end on 12 synthetic slides named as slides of the authors' split."""
+    import json
+    import shutil
+
+    from bench.cli.main import main
+
+    src = synthetic_cohort("subtyping", n_slides=12)
+    shipped = read_paper_split("abmilx-tcga-brca-subtyping")
+    chosen = pd.concat([shipped[(shipped["part"] == p) & (shipped["label"] == c)].head(2)
+                        for p in ("train", "val", "test") for c in ("IDC", "ILC")])
+    folder = tmp_path / "root" / "TCGA-BRCA"
+    (folder / "slides").mkdir(parents=True)
+    for source, sid in zip(sorted((src / "slides").iterdir()), chosen["slide_id"]):
+        shutil.copy(source, folder / "slides" / f"{sid}.tif")
+    chosen[["slide_id", "patient_id", "label"]].to_csv(folder / "labels.csv", index=False)
+    suite = tmp_path / "paper-check.toml"
+    suite.write_text(PAPER_SUITE)
+    args = ["run", "--suite", str(suite), "--data-root", str(tmp_path / "root"), "--workdir", str(tmp_path / "work"),
+            "--leaderboards", str(tmp_path / "boards"), "--device", "cpu"]
+    assert main(args) == 2  # 973 of the authors' slides are absent: refused without the flag
+    assert main(args + ["--allow-missing-slides"]) == 0
+    split_file = tmp_path / "work" / "splits" / "tcga-brca" / "paper-seed0.csv"
+    (record,) = (tmp_path / "work" / "runs").rglob("run.json")
+    data = json.loads(record.read_text())
+    assert data["split"]["protocol"] == "paper" and data["split"]["tag"] == "paper-seed0-fold0"
+    assert data["split"]["sha256"] == hashlib.sha256(split_file.read_bytes()).hexdigest()
+    test = pd.read_csv(record.parent / "predictions.csv")
+    assert sorted(test["bag_id"]) == sorted(chosen.loc[chosen["part"] == "test", "slide_id"])
+    board = (tmp_path / "boards" / "paper-check.md").read_text()
+    assert "- Splits of tcga-brca: the ABMILX authors' own" in board
