@@ -228,3 +228,21 @@ def test_executor_errors_name_the_fix(tmp_path, monkeypatch, capsys):
     assert main(["run", "--suite", str(path), "--workdir", str(tmp_path / "w"), "--executor", "slurm"]) == 2
     err = capsys.readouterr().err
     assert "sbatch" in err and "bench worker" in err
+
+
+def test_a_worker_on_a_read_only_work_folder_says_which_folder(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from bench.cli.main import main
+
+    path = tmp_path / "tinyw.toml"
+    path.write_text(SUITE)
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)  # tests run as root, where chmod stops nothing
+    assert main(["worker", "--suite", str(path), "--workdir", str(tmp_path / "w"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'w' / 'work' / 'tinyw'}: [Errno 30] Read-only file system" in err, err
+    assert not (tmp_path / "w" / "work" / "tinyw" / "events.jsonl").exists()  # nothing claimed or logged
