@@ -18,6 +18,11 @@
    tracemalloc does not see torch's allocations.
 3. ABMILX with the naive A+ (explicit N x N) next to the scalable A+ (SDPA).
    The naive path is skipped where its N x N matrices would not fit in memory.
+4. The aggregators added for issue 19 (RRT-MIL, WiKG, CLAM-MB, DTFD-MIL, maxmil,
+   abmilx-feat): one training step (forward with the label, task + auxiliary loss,
+   backward, AdamW step) and one eval forward at each N, seconds and peak RSS growth,
+   next to ABMIL measured in the same run (the ratio column); a step that fails for
+   memory, or whose peak would pass 24 GiB (the target machine), is flagged.
 
 Run: .venv/bin/python benchmarks/bench_aggregators.py [--quick] [--sizes 1000 10000 50000]
 """
@@ -167,9 +172,12 @@ def main() -> None:
     parser.add_argument("--train-instances", type=int, default=10_000)
     parser.add_argument("--train-epochs", type=int, default=4, help="trainer epochs (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new", nargs="+", default=None, metavar="NAME",
+                        help="section 4: only these of the new aggregators (default: all of them)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--only", choices=("all", "train", "inference"), default="all",
-                        help="run only the training-throughput part, or only inference and A+ (default: all)")
+    parser.add_argument("--only", choices=("all", "train", "inference", "new"), default="all",
+                        help="run only the training-throughput part, only inference and A+, or only the new "
+                             "aggregators' train step and inference (default: all)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.train_bags, args.train_instances, args.repeats = [500, 2_000], 2, 2_000, 1
@@ -186,6 +194,8 @@ def main() -> None:
         train_section(args)
     if args.only in ("all", "inference"):
         inference_section(args)
+    if args.only in ("all", "new"):
+        new_aggregators_section(args)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
@@ -234,6 +244,60 @@ def inference_section(args: argparse.Namespace) -> None:
         naive_s, naive_mib = infer("abmilx", n, reps, attn_plus_impl="naive")
         print(f"| {n:,} | {naive_s:.3f} | {naive_mib:,.0f} | {fast_s:.3f} | {fast_mib:,.0f} | {naive_s / fast_s:.2f} |",
               flush=True)
+
+
+# ----------------------------------------------------------------------------- 4. the aggregators of issue 19
+
+NEW_AGGREGATORS = ("rrt-mil", "wikg", "clam-mb", "dtfd-mil", "maxmil", "abmilx-feat")
+LIMIT_MIB = 24 * 1024  # the 24 GiB the cost columns are judged against
+
+
+def train_step(name: str, n: int) -> tuple[float, float]:
+    """Seconds and peak RSS growth (MiB) of one training step on a (1, n, 1024) bag, 2 classes."""
+    import torch
+    import torch.nn.functional as F
+
+    from baselines.mil import AGGREGATORS, build_aggregator
+    from bench.evaluation.costs import PeakMemory, peak_memory_mb
+
+    model = build_aggregator(name, IN_DIM, 2, seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(n))
+    label = torch.tensor([1])
+    w = AGGREGATORS.get(name).aux_weight
+    release_free_memory()
+    with PeakMemory() as peak:
+        start_rss = peak_memory_mb()
+        t0 = time.perf_counter()
+        out = model(x, label=label)
+        loss = F.cross_entropy(out.logits, label)
+        if out.aux_loss is not None:
+            loss = (1 - w) * loss + w * out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seconds = time.perf_counter() - t0
+    return seconds, peak.mb - start_rss
+
+
+def new_aggregators_section(args: argparse.Namespace) -> None:
+    print("\n## aggregators of issue 19: one training step / one eval forward on a bag of N x 1024, "
+          "seconds and peak RSS growth (MiB); ratio = time / ABMIL's in this run\n")
+    print("| aggregator | N | train step s | train MiB | x ABMIL | eval s | eval MiB | x ABMIL | 24 GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        base_train, _ = train_step("abmil", n)
+        base_eval, _ = infer("abmil", n, repeats=1)
+        for name in args.new or NEW_AGGREGATORS:
+            try:
+                ts, tm = train_step(name, n)
+                es, em = infer(name, n, repeats=1)
+            except (MemoryError, RuntimeError) as exc:  # an allocation that does not fit
+                print(f"| {name} | {n:,} | failed: {type(exc).__name__} | - | - | - | - | - | no |", flush=True)
+                continue
+            fits = "yes" if max(tm, em) < LIMIT_MIB else "no (flag)"
+            print(f"| {name} | {n:,} | {ts:.3f} | {tm:,.0f} | {ts / base_train:.1f} | {es:.3f} | {em:,.0f} | "
+                  f"{es / base_eval:.1f} | {fits} |", flush=True)
 
 
 if __name__ == "__main__":
