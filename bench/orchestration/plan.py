@@ -20,7 +20,9 @@ worker with the item's fingerprint). A train item is done only by its run record
 
 Item records and claims live in `<workdir>/work/<suite>/`: `claims/` (bench.orchestration.claims),
 `items/` (status, attempts, error, worker, host, device, seconds), `events.jsonl` (one line per
-claim, finish, failure, takeover; `bench status` and the tests read it) and `workers/`.
+claim, finish, failure, takeover; `bench status` and the tests read it) and `workers/`. The item records
+and run records are what counts; the event log is for people and tests (appends from several NFS clients are
+not atomic, so a line may be lost or cut there, and cut lines are skipped when read).
 """
 
 from __future__ import annotations

@@ -143,3 +143,35 @@ def test_a_worker_that_lost_its_item_writes_neither_output_nor_record(tmp_path, 
     assert read_claim(plan.state_dir / "claims" / f"{item.file_name}.claim").worker == "b"
     events = [e["event"] for e in plan_mod.read_events(tmp_path, "s")]
     assert events == ["start", "lost"]
+
+
+def test_a_failing_item_is_tried_twice_then_failed_and_what_needs_it_blocked(tmp_path, monkeypatch):
+    import bench.orchestration.plan as plan_mod
+    import bench.orchestration.worker as worker_mod
+    from bench.orchestration.plan import MAX_ATTEMPTS, Plan, WorkItem, item_states, read_item_record
+    from bench.orchestration.runner import RunOptions
+
+    a = WorkItem("tile/d/10x-64px", "fake")
+    b = WorkItem("train/d/m/holdout-seed0-fold0", "fake", needs=(a.id,))
+    plan = Plan(SimpleNamespace(name="s"), RunOptions(workdir=tmp_path), (a, b))
+    ctx = SimpleNamespace(plan=plan, options=plan.options)
+    calls = []
+
+    def broken(ctx, item, guard=None):
+        calls.append(item.id)
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(worker_mod, "execute", broken)
+    monkeypatch.setattr(plan_mod, "_done", lambda ctx, item, record: bool(record) and record["status"] == "ok")
+    opts = worker_mod.WorkerOptions(worker_id="w", lease_s=30)
+    assert MAX_ATTEMPTS == 2
+    first = worker_mod._try_item(ctx, a, "w", opts, set())
+    assert first["status"] == "failed" and "planted failure" in first["error"]
+    assert [s.state for s in item_states(ctx)] == ["ready", "pending"]  # one retry left
+    worker_mod._try_item(ctx, a, "w", opts, set())
+    states = item_states(ctx)
+    assert [s.state for s in states] == ["failed", "blocked"]
+    record = read_item_record(plan, a)
+    assert record["attempts"] == 2 and "RuntimeError: planted failure" in record["error"] and record["traceback"]
+    assert calls == [a.id, a.id]
+    assert not list((plan.state_dir / "claims").iterdir())  # every claim released
