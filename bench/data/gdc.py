@@ -316,8 +316,15 @@ class DownloadReport:
 
 
 def download_files(client: GdcClient, files: Sequence[GdcFile], slide_dir: str | os.PathLike[str], *,
-                   check_space: bool = True, on_error: Callable[[str, str], None] | None = None) -> DownloadReport:
-    """Fetch the slides not yet whole in `slide_dir` (see module docstring); one failure does not stop the rest."""
+                   check_space: bool = True, retries: int = 2, wait: float = 5.0,
+                   on_error: Callable[[str, str], None] | None = None) -> DownloadReport:
+    """Fetch the slides not yet whole in `slide_dir` (see module docstring); one failure does not stop the rest.
+
+    A file whose transfer fails (cut connection, error status, md5 mismatch) is tried `retries` more
+    times, `wait` x attempt seconds apart, resuming what arrived; what still fails is reported.
+    """
+    import time
+
     slide_dir = Path(slide_dir)
     slide_dir.mkdir(parents=True, exist_ok=True)
     report = DownloadReport(done=[], new=[], failed=[])
@@ -343,17 +350,28 @@ def download_files(client: GdcClient, files: Sequence[GdcFile], slide_dir: str |
             raise GdcError(f"{slide_dir} has {human_size(free)} free, the {len(pending)} slide(s) need "
                            f"{human_size(remaining)}; free space or point --data-root elsewhere")
     bar = progress(total=remaining, unit="B", unit_scale=True, unit_divisor=1024, desc="gdc download")
+
+    def on_bytes(n: int) -> None:  # every byte that arrived counts, a cut attempt's too (it is resumed)
+        bar.update(n)
+        report.bytes_fetched += n
+
     try:
         for f in pending:
-            try:
-                got = download_one(client, f, slide_dir, on_bytes=bar.update)
-                report.bytes_fetched += got
+            for attempt in range(retries + 1):
+                try:
+                    download_one(client, f, slide_dir, on_bytes=on_bytes)
+                except GdcError as exc:
+                    if attempt < retries:
+                        info(f"{f.file_name}: {exc}; retrying ({attempt + 1} of {retries})")
+                        time.sleep(wait * (attempt + 1))
+                        continue
+                    report.failed.append((f.file_name, str(exc)))
+                    if on_error is not None:
+                        on_error(f.file_name, str(exc))
+                    break
                 report.done.append(f.file_name)
                 report.new.append(f.file_name)
-            except GdcError as exc:
-                report.failed.append((f.file_name, str(exc)))
-                if on_error is not None:
-                    on_error(f.file_name, str(exc))
+                break
     finally:
         bar.close()
     return report
@@ -496,7 +514,7 @@ class CohortFetch:
 def fetch_cohort(folder: str | os.PathLike[str], name: str, *, task: str, classes: Sequence[str] | None = None,
                  labels_name: str = "labels.csv", paper_source: str | None = None,
                  projects: Sequence[str] | None = None, client: GdcClient | None = None, offline: bool = False,
-                 download: bool = False) -> CohortFetch:
+                 download: bool = False, retries: int = 2) -> CohortFetch:
     """Manifest, optional download and labels of one cohort folder (`folder/slides/`, `folder/<labels_name>`).
 
     `name` (the suite's dataset) names the listing and manifest (`gdc_files.<name>.json`,
@@ -532,7 +550,7 @@ def fetch_cohort(folder: str | os.PathLike[str], name: str, *, task: str, classe
         result.listed, result.total_bytes = len(files), sum(f.size for f in files)
         result.manifest = write_manifest(files, folder / f"gdc_manifest.{name}.txt")
         if download:
-            result.download = download_files(client or GdcClient(), files, slides)
+            result.download = download_files(client or GdcClient(), files, slides, retries=retries)
         present = {f.slide_id: (f, rel) for f in files if (rel := present_file(f, slides)) is not None}
         chosen = [f for f, _ in present.values()]
         if shipped is not None:

@@ -198,6 +198,12 @@ def test_download_resumes_checks_md5_and_never_leaves_a_partial_slide(gdc, tmp_p
     # already whole: nothing fetched
     report = download_files(gdc.client, [f], slides)
     assert report.done == [f.file_name] and report.new == [] and report.bytes_fetched == 0
+    # a cut transfer is retried at once, resuming: one call gets the whole slide
+    (slides / f.file_name).unlink()
+    gdc.cut[f.file_id] = 50_000
+    report = download_files(gdc.client, [f], slides, retries=1, wait=0)
+    assert report.new == [f.file_name] and report.bytes_fetched == 200_000 and report.failed == []
+    assert gdc.requests[-1]["range"] == "bytes=50000-" and (slides / f.file_name).read_bytes() == data
 
 
 def test_md5_mismatch_and_ignored_range(gdc, tmp_path):
@@ -208,13 +214,13 @@ def test_md5_mismatch_and_ignored_range(gdc, tmp_path):
     slides = tmp_path / "slides"
     gdc.corrupt.add(fa.file_id)
     gdc.cut[fb.file_id] = 10_000
-    report = download_files(gdc.client, [fa, fb], slides, check_space=False)
+    report = download_files(gdc.client, [fa, fb], slides, check_space=False, retries=0)
     assert report.new == [] and [n for n, _ in report.failed] == [fa.file_name, fb.file_name]
     assert f"md5 of {fa.file_name}" in report.failed[0][1] and "deleted" in report.failed[0][1]
     assert not (slides / f"{fa.file_name}.part").exists() and not (slides / fa.file_name).exists()
     gdc.corrupt.clear()
     gdc.ignore_range = True  # a server that answers 200 to a Range request: the part starts over
-    report = download_files(gdc.client, [fa, fb], slides)
+    report = download_files(gdc.client, [fa, fb], slides, retries=0)
     assert sorted(report.new) == sorted([fa.file_name, fb.file_name]) and report.failed == []
     assert (slides / fa.file_name).read_bytes() == a and (slides / fb.file_name).read_bytes() == b
     # a file of that name that is not the GDC's is never overwritten
@@ -270,7 +276,8 @@ def test_bench_gdc_writes_manifest_slides_and_labels(gdc, tmp_path, capsys):
     suite.write_text(SUITE)
     root = tmp_path / "root"
     gdc.cut[gdc.hits[2]["file_id"]] = 100
-    assert main(["gdc", "--suite", str(suite), "--data-root", str(root), "--api", gdc.url, "--download"]) == 1
+    assert main(["gdc", "--suite", str(suite), "--data-root", str(root), "--api", gdc.url, "--download",
+                 "--retries", "0"]) == 1
     assert "rerun the same command to resume" in capsys.readouterr().err
     nsclc = load_cohort(root / "TCGA-NSCLC", task="classification", classes=["LUAD", "LUSC"])
     assert len(nsclc) == 5  # the cut slide has no labels row yet

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download the slides too (default: manifest + labels)")
     p.add_argument("--offline", action="store_true",
                    help="no network: reuse the listing a previous run saved (gdc_files.<dataset>.json)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="tries more per slide whose transfer fails, resuming what arrived (default: 2)")
     p.add_argument("--api", default=None, help="GDC API base URL (default: https://api.gdc.cancer.gov)")
 
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         out = fetch_cohort(root / ds.data, ds.name, task=ds.task, classes=ds.classes, labels_name=ds.labels,
                            paper_source=source, projects=projects, client=client, offline=args.offline,
-                           download=args.download)
+                           download=args.download, retries=max(0, args.retries))
         if out.not_on_gdc:
             warn(f"[{ds.name}] {len(out.not_on_gdc)} slide(s) of the authors' split are not listed by the GDC "
                  f"(renamed or withdrawn since): {', '.join(out.not_on_gdc[:10])}"
