@@ -31,6 +31,7 @@ features; so a file records the mtime it got once all its rows were checked
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -65,7 +66,8 @@ class ExtractOptions:
 
     Attributes:
         batch_size: patches per forward pass; None picks one for the device (`batch_size_for`).
-        num_workers: DataLoader worker processes reading patches (0: read in this process).
+        num_workers: DataLoader worker processes reading patches (0: read in this process);
+            None picks them from the cores, the encoder's threads and the device (`settings`).
         device: "auto", "cpu", "cuda" or "cuda:N".
         float16: store features as float16 (half the disk; computed in float32 on CPU).
         precision: CUDA autocast precision; None = the encoder's preferred one. CPU runs fp32.
@@ -75,7 +77,7 @@ class ExtractOptions:
     """
 
     batch_size: int | None = None
-    num_workers: int = 2
+    num_workers: int | None = None
     device: str = "auto"
     float16: bool = False
     precision: str | None = None
@@ -85,7 +87,7 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise ConfigError(f"workers must be a non-negative integer, got {self.num_workers!r}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
@@ -94,7 +96,7 @@ class ExtractOptions:
 
 
     def batch_size_for(self, device: torch.device, input_size: int) -> int:
-        """The batch size to run: the one asked for, else 64 on CUDA and, on CPU, about
+        """The batch size to run: the one asked for, else 256 on CUDA (with AMP) and, on CPU, about
         eight 224-px images' worth (8 at 224 px, 24 at 128, 64 at 64 px and below).
 
         On CPU large batches run slower, not faster, once activations outgrow the caches:
@@ -104,8 +106,58 @@ class ExtractOptions:
         if self.batch_size is not None:
             return self.batch_size
         if device.type == "cuda":
-            return 64
+            return 256
         return int(min(64, max(8, 8 * 224**2 // max(1, input_size) ** 2)))
+
+
+    def settings(self, device: torch.device, input_size: int, cores: int | None = None,
+                 threads: int | None = None) -> ExtractSettings:
+        """The batch size, reading workers and encoder threads this run uses, and why.
+
+        Reading workers: on CUDA the encoder needs one core and the others read (at most 8);
+        on CPU the encoder's threads use the cores, so workers only read on cores the
+        threads leave free: none when the cores do not exceed the encoder's threads (on 2
+        cores a worker decoding JPEG tiles takes its time from the forward pass: resnet18-trunc
+        ran at 0.80 of the bare forward with 2 workers and 0.93 reading in process;
+        BENCHMARKS.md, extraction). What was asked for is kept.
+        """
+        cores = cores or available_cores()
+        threads = threads or self.torch_threads or torch.get_num_threads()
+        batch = self.batch_size_for(device, input_size)
+        if self.num_workers is not None:
+            workers, why = self.num_workers, "as asked"
+        elif device.type == "cuda":
+            workers = min(8, max(0, cores - 1))
+            why = f"{cores} cores, one runs the GPU"
+        elif cores <= threads:
+            workers, why = 0, f"{cores} cores <= {threads} encoder threads: read in the main process"
+        else:
+            workers = min(4, cores - threads)
+            why = f"{cores} cores, {threads} encoder threads: {workers} free cores read"
+        return ExtractSettings(batch, workers, threads, str(device), why)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What an extraction runs with (`ExtractOptions.settings`): shown on the console, kept in the report."""
+
+    batch_size: int
+    num_workers: int
+    torch_threads: int
+    device: str
+    why_workers: str
+
+    def describe(self) -> str:
+        return (f"batch {self.batch_size}, {self.num_workers} reading worker(s) ({self.why_workers}), "
+                f"{self.torch_threads} encoder thread(s), {self.device}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +175,7 @@ class ExtractReport:
     done: list[SlideResult] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (slide_id, reason)
     busy: list[str] = field(default_factory=list)  # locked by another live process
+    settings: ExtractSettings | None = None  # batch, workers, threads the run chose
 
     @property
     def n_new(self) -> int:
@@ -315,7 +368,8 @@ def extract_slide(
             "patch_size": coords.patch_size, "input_size": encoder.spec.input_size, "n_patches": len(coords),
             "seconds": seconds, "patches_per_second": len(coords) / max(seconds, 1e-9),
             "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind, "device": device_name(device),
-            "precision": precision, "batch_size": options.batch_size_for(device, encoder.spec.input_size), "num_workers": options.num_workers,
+            "precision": precision, "batch_size": options.batch_size_for(device, encoder.spec.input_size),
+            "num_workers": options.settings(device, encoder.spec.input_size).num_workers,
             "dtype": "float16" if options.float16 else "float32", "harness_version": __version__,
             "config_hash": fingerprint, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -366,11 +420,12 @@ def _encode(job: SlideJob, coords: Coords, encoder: LoadedEncoder, options: Extr
     """Run the encoder over every patch of a slide: (features (N, D), seconds, peak MiB, peak kind, precision)."""
     cuda = device.type == "cuda"
     precision = (options.precision or encoder.precision) if cuda else "fp32"
-    batch_size = options.batch_size_for(device, encoder.spec.input_size)
+    settings = options.settings(device, encoder.spec.input_size)
+    batch_size = settings.batch_size
     dataset = SlidePatches(job.path, coords.coords, coords.level_choice, batch_size,
                            None if cuda else encoder.transform, job.mpp or coords.mpp or None)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers_for(len(dataset), options.num_workers),
+        dataset, batch_size=None, shuffle=False, num_workers=workers_for(len(dataset), settings.num_workers),
         pin_memory=cuda,
     )
     model = encoder.model
@@ -474,7 +529,11 @@ def extract_cohort(
     threads = torch.get_num_threads()
     if options.torch_threads is not None:
         torch.set_num_threads(options.torch_threads)
-    report = ExtractReport()
+    settings = options.settings(device, encoder.spec.input_size)
+    # every slide of the run with the same, resolved settings
+    options = dataclasses.replace(options, batch_size=settings.batch_size, num_workers=settings.num_workers)
+    info(f"extract {encoder.spec.name}: {settings.describe()}")
+    report = ExtractReport(settings=settings)
     not_tiled = dict(read_skip_report(coords_dir / "skipped.csv"))  # why `bench tile` left a slide out
     bar = progress(jobs, desc=f"extract {encoder.spec.name}", unit="slide")
     try:
@@ -524,7 +583,7 @@ def summarize(report: ExtractReport, out_dir: Path) -> None:
 
 
 __all__ = [
-    "ExtractOptions", "SlideResult", "ExtractReport", "SlidePatches", "features_config", "pending_slides",
+    "ExtractOptions", "ExtractSettings", "available_cores", "SlideResult", "ExtractReport", "SlidePatches", "features_config", "pending_slides",
     "reuse_problem",
     "check_coords", "extract_slide", "extract_cohort", "write_features", "read_skip_report", "summarize", "FEATURES_VERSION",
 ]

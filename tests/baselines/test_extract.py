@@ -276,10 +276,43 @@ def test_reading_workers_and_default_batch_size_fit_the_work():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = ExtractOptions()
     assert [auto.batch_size_for(cpu, s) for s in (224, 256, 128, 64, 32)] == [8, 8, 24, 64, 64]
-    assert auto.batch_size_for(cuda, 224) == 64
+    assert auto.batch_size_for(cuda, 224) == 256
     assert ExtractOptions(batch_size=5).batch_size_for(cpu, 224) == 5
     with pytest.raises(ConfigError, match="batch size"):
         ExtractOptions(batch_size=0)
+
+
+def test_reading_workers_are_chosen_from_cores_threads_and_device_unless_asked_for():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = ExtractOptions()
+    # on CPU the encoder's threads take the cores: workers only on cores they leave free
+    assert auto.settings(cpu, 224, cores=2, threads=2).num_workers == 0
+    assert "read in the main process" in auto.settings(cpu, 224, cores=2, threads=2).why_workers
+    assert auto.settings(cpu, 224, cores=8, threads=6).num_workers == 2
+    assert auto.settings(cpu, 224, cores=64, threads=8).num_workers == 4
+    assert ExtractOptions(torch_threads=1).settings(cpu, 224, cores=2).num_workers == 1
+    # on CUDA one core runs the GPU, the rest read (at most 8), batch 256
+    assert auto.settings(cuda, 224, cores=16, threads=16).num_workers == 8
+    assert auto.settings(cuda, 224, cores=3, threads=3).num_workers == 2
+    assert auto.settings(cuda, 224, cores=1, threads=1).num_workers == 0
+    assert auto.settings(cuda, 224, cores=16).batch_size == 256
+    # what was asked for is kept
+    asked = ExtractOptions(num_workers=3, batch_size=4).settings(cpu, 224, cores=2, threads=2)
+    assert (asked.num_workers, asked.batch_size, asked.why_workers) == (3, 4, "as asked")
+    with pytest.raises(ConfigError, match="workers"):
+        ExtractOptions(num_workers=-1)
+
+
+def test_the_run_reports_the_settings_it_chose(tiled, encoder, tmp_path, capsys):
+    root, tiles_src, jobs = tiled
+    report = extract_cohort(jobs[:1], tiles_src, tmp_path / "f", encoder,
+                            ExtractOptions(batch_size=16, device="cpu", torch_threads=1))
+    s = report.settings
+    assert (s.batch_size, s.torch_threads, s.device) == (16, 1, "cpu")
+    from baselines.extract import available_cores
+
+    assert s.num_workers == (0 if available_cores() <= 1 else min(4, available_cores() - 1))
+    assert f"batch 16, {s.num_workers} reading worker(s)" in capsys.readouterr().err
 
 
 def test_slides_that_tiling_skipped_are_reported_with_its_reason(tiled, encoder, tmp_path, capsys):

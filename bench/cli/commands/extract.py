@@ -26,9 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="magnification(s) of the coords to use (default: 20)")
     p.add_argument("--patch-size", type=int, default=256, help="patch size of the coords (default: 256)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="patches per forward pass (default: 64 on CUDA; on CPU 8 at 224 px, up to 64 for "
+                   help="patches per forward pass (default: 256 on CUDA; on CPU 8 at 224 px, up to 64 for "
                         "small inputs, where larger batches run slower)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading patches (default: 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers reading patches (default: chosen from the cores and the device: on CPU "
+                        "none unless the cores exceed the encoder's threads, on CUDA up to 8; printed at the start)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="CUDA autocast precision (default: the encoder's preferred one; CPU runs fp32)")
