@@ -35,10 +35,10 @@ def test_tilings_follow_the_paradigms():
     two = suite.select(methods=["two-stage/*"]).methods
     e2e = suite.select(methods=["e2e/*"]).methods
     gma = suite.select(methods=["gma/*"]).methods
-    assert tilings_needed(ds, two) == [(20.0, 128)]
-    assert tilings_needed(ds, e2e) == [(20.0, 128), (10.0, 128)]  # main scale + context scale
-    assert tilings_needed(ds, gma) == [(20.0, 128)]
-    assert tilings_needed(ds, suite.methods) == [(20.0, 128), (10.0, 128)]
+    assert tilings_needed(ds, two) == [(10.0, 64)]
+    assert tilings_needed(ds, e2e) == [(10.0, 64), (5.0, 64)]  # main scale + context scale
+    assert tilings_needed(ds, gma) == [(10.0, 64)]
+    assert tilings_needed(ds, suite.methods) == [(10.0, 64), (5.0, 64)]
 
 
 def test_parameters_layer_defaults_method_and_sweep():
