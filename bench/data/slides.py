@@ -1,4 +1,15 @@
-"""Whole-slide images through OpenSlide: resolution, level choice, RGB patches.
+"""Whole-slide images through OpenSlide (or tiffslide): resolution, level choice, RGB patches.
+
+Reader backends (`READERS`): "openslide" (the default) and "tiffslide" (pure Python
+on tifffile + imagecodecs; `pip install 'cpath-bench[tiffslide]'`), chosen per call
+(`open_slide(..., reader=)`) or for the process and its workers with the environment
+variable `BENCH_SLIDE_READER` (`bench extract --reader`). Both give the same pixels on
+the formats both read (tested, synthetic TIFFs and an Aperio SVS; outside the scanned
+area tiffslide pads with black, which is turned into OpenSlide's transparent-on-white),
+wherever a read starts on a whole pixel of its level: always at level 0, and at coarser
+levels when x and y are multiples of the level's downsample. Between level pixels
+OpenSlide interpolates and tiffslide does not (a shift of up to one level pixel, as
+with a scanner's 4.0003x downsamples); tiffslide then warns once per slide.
 
 Resolution (microns per pixel at level 0) is read, in this order, from
 `openslide.mpp-x/y`, the TIFF resolution tags, or the objective power (using
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +44,8 @@ MPP_PER_MAGNIFICATION = 10.0  # mpp = 10 / magnification (20x = 0.5 um/px)
 # used as is: scanners store 4.000x as 4.0003x, and resizing by 0.01% is noise.
 _LEVEL_TOLERANCE = 0.01
 
+READERS = ("openslide", "tiffslide")
+READER_ENV = "BENCH_SLIDE_READER"
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
@@ -85,18 +99,20 @@ class Slide:
         path: slide file in any format OpenSlide reads.
         mpp: level-0 microns per pixel, overriding what the file says (use when the
             file has no resolution, or a wrong one).
+        reader: "openslide" or "tiffslide"; None: `default_reader()`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
-        import openslide  # imported here: nothing heavy at import time
-
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, reader: str | None = None) -> None:
+        self.reader = check_reader(reader) if reader is not None else default_reader()
+        self._warned_subpixel = False
+        errors = _reader_errors(self.reader)  # imported here: nothing heavy at import time
         self.path = Path(path)
         self.name = self.path.stem
         if not self.path.exists():
             raise MissingFileError(f"slide {self.path} does not exist")
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            self._osr = _open_handle(self.reader, self.path)
+        except errors as exc:
             raise SlideError(
                 f"cannot open slide {self.path}: {type(exc).__name__}: {exc}. "
                 "Check that it is a complete whole-slide image in a format OpenSlide reads "
@@ -107,7 +123,7 @@ class Slide:
         self.level_count: int = self._osr.level_count
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(self._osr.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._osr.level_downsamples)
-        self.properties: dict[str, str] = dict(self._osr.properties)
+        self.properties: dict[str, str] = _openslide_keys(dict(self._osr.properties))
         if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
             self.close()
             raise ConfigError(f"mpp override for slide {self.name} must be a positive number, got {mpp!r}")
@@ -193,16 +209,44 @@ class Slide:
         return rgba_to_rgb_array(rgba, out=out)
 
     def _read_rgba(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
-        import openslide
-
+        errors = _reader_errors(self.reader)
         try:
+            if self.reader == "tiffslide":
+                return self._tiffslide_region(int(x), int(y), int(level), int(width), int(height))
             return self._osr.read_region((int(x), int(y)), int(level), (int(width), int(height)))
-        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+        except errors as exc:
             raise SlideError(
                 f"cannot read region ({x}, {y}) level {level} size {width}x{height} of slide {self.path}: "
                 f"{type(exc).__name__}: {exc}. The file may be truncated or damaged.",
                 slide=self.name,
             ) from None
+
+    def _tiffslide_region(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """RGB region through tiffslide, what lies outside the level white (as OpenSlide's
+        transparent pixels composited on white; tiffslide pads with black)."""
+        ds = self.level_downsamples[level]
+        if level > 0 and not self._warned_subpixel and (abs(x / ds - round(x / ds)) > 1e-6
+                                                         or abs(y / ds - round(y / ds)) > 1e-6):
+            from bench.common.console import warn
+
+            self._warned_subpixel = True
+            warn(f"slide {self.name}: tiffslide reads level {level} (downsample {ds:.6g}) at whole level pixels, "
+                 f"but ({x}, {y}) falls between them; OpenSlide interpolates there, so these patches are shifted by "
+                 "up to one level pixel against OpenSlide's (use --reader openslide for its exact pixels)")
+        with warnings.catch_warnings():  # a region wholly outside the level: tiffslide warns, OpenSlide does not
+            warnings.simplefilter("ignore", UserWarning)
+            arr = self._osr.read_region((x, y), level, (width, height), as_array=True)  # (h, w, 3), zero-padded
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = int(x / ds), int(y / ds)  # tiffslide's own level coordinates
+        if x0 < 0 or y0 < 0 or x0 + width > lw or y0 + height > lh:
+            arr = np.array(arr)  # writable copy
+            arr[:max(0, min(height, -y0))] = 255
+            arr[max(0, lh - y0):] = 255
+            arr[:, :max(0, min(width, -x0))] = 255
+            arr[:, max(0, lw - x0):] = 255
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        return Image.fromarray(np.ascontiguousarray(arr[..., :3], dtype=np.uint8), "RGB")
 
     def _read_rgb_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         return rgba_to_rgb_image(self._read_rgba(x, y, level, width, height))
@@ -242,9 +286,74 @@ class Slide:
         return f"Slide({str(self.path)!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={self.mpp:.4g} [{self.mpp_source}], levels={self.level_count})"
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, reader: str | None = None) -> Slide:
     """Open a slide; errors are SlideError / MissingFileError with the slide's name."""
-    return Slide(path, mpp=mpp)
+    return Slide(path, mpp=mpp, reader=reader)
+
+
+def check_reader(reader: object) -> str:
+    """A reader backend name, refused with the choices when unknown."""
+    if reader not in READERS:
+        raise ConfigError(f"slide reader must be one of {', '.join(READERS)}, got {reader!r}")
+    return str(reader)
+
+
+def default_reader() -> str:
+    """The process's reader backend: `$BENCH_SLIDE_READER`, else "openslide"."""
+    value = os.environ.get(READER_ENV, "").strip().lower()
+    if not value:
+        return "openslide"
+    if value not in READERS:
+        raise ConfigError(f"{READER_ENV}={value!r} is not a slide reader; use one of {', '.join(READERS)} "
+                          f"or unset it")
+    return value
+
+
+def reader_available(reader: str) -> bool:
+    """Whether a reader backend's package can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec(check_reader(reader)) is not None
+
+
+def require_reader(reader: str) -> str:
+    """A reader backend that is installed here (ConfigError with the pip install when it is not)."""
+    _reader_errors(check_reader(reader))
+    return reader
+
+
+def _reader_errors(reader: str) -> tuple[type[BaseException], ...]:
+    """The exceptions a backend raises for a file it cannot open or read (importing it)."""
+    if reader == "tiffslide":
+        try:
+            import tifffile
+            import tiffslide  # noqa: F401
+        except ImportError:
+            raise ConfigError("slide reader 'tiffslide' is not installed; run `pip install 'cpath-bench[tiffslide]'` "
+                              "(or `pip install tiffslide`), or use the default reader, openslide") from None
+        return (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, NotImplementedError)
+    import openslide
+
+    return (openslide.OpenSlideError, OSError, ValueError)
+
+
+def _open_handle(reader: str, path: Path):
+    if reader == "tiffslide":
+        import tiffslide
+
+        return tiffslide.TiffSlide(str(path))
+    import openslide
+
+    return openslide.OpenSlide(str(path))
+
+
+def _openslide_keys(props: dict) -> dict[str, str]:
+    """Properties as strings, tiffslide's `tiffslide.*` keys also under OpenSlide's `openslide.*` names."""
+    out = {str(k): str(v) for k, v in props.items() if v is not None}
+    for key, value in list(out.items()):
+        if key.startswith("tiffslide."):
+            out.setdefault("openslide." + key[len("tiffslide."):], value)
+    return out
 
 
 def mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:

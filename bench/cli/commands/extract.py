@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers reading patches (default: chosen from the cores and the device: on CPU "
                         "none unless the cores exceed the encoder's threads, on CUDA up to 8; printed at the start)")
+    p.add_argument("--reader", choices=("openslide", "tiffslide"),
+                   help="slide reader backend (default: $BENCH_SLIDE_READER, else openslide; tiffslide needs "
+                        "`pip install 'cpath-bench[tiffslide]'`)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="CUDA autocast precision (default: the encoder's preferred one; CPU runs fp32)")
@@ -54,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from bench.common.errors import MissingFileError
     from bench.data.layout import Layout
 
+    if args.reader is not None:
+        import os
+
+        from bench.data.slides import READER_ENV, require_reader
+
+        require_reader(args.reader)  # not installed: the pip install, before any work
+        os.environ[READER_ENV] = args.reader  # this process and its reading workers
     spec = get_encoder(args.encoder)  # an unknown name fails before the cohort is read
     if args.input_size is not None:
         spec = spec.with_input_size(args.input_size)
