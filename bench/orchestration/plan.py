@@ -436,23 +436,12 @@ def execute(ctx: Context, item: WorkItem, guard: Any = None) -> ItemResult:
         return ItemResult("ok" if outcome.status in ("ok", "cached") else "failed", outcome.error,
                           {"run_status": outcome.status, "run_dir": str(outcome.run_dir), "primary": outcome.primary})
     if item.kind == "leaderboard":
-        from bench.evaluation.heatmaps import heatmaps_for_suite
-        from bench.evaluation.leaderboard import build_leaderboard
-        from bench.evaluation.records import iter_runs
+        from bench.orchestration.runner import draw_leaderboard
 
-        assert options.leaderboards is not None
         inputs = leaderboard_inputs(ctx.plan)
-        ok = [r.run_dir for r in iter_runs(options.workdir, suite.name) if r.ok and _in_plan(ctx.plan, r.run_dir)]
-        if guard is not None:
-            guard()
-        with ctx.timer.stage("heatmaps"):
-            heatmaps_for_suite(ok, Path(options.leaderboards) / suite.name, max_slides=1)
-        if guard is not None:
-            guard()
-        with ctx.timer.stage("leaderboard"):
-            board = build_leaderboard(Path(options.workdir), suite.name, Path(options.leaderboards),
-                                      synthetic=suite.demo, reported=suite.reported, command=options.command,
-                                      data_names={d.name: d.data for d in suite.datasets})
+        ok = [d for d in (train_run_dir(ctx.plan, it) for it in ctx.plan.items if it.kind == "train")
+              if _record_ok(d)]  # the plan's runs in `bench run`'s order (dataset, method, seed, fold)
+        board = draw_leaderboard(suite, options, ok, ctx.timer, guard=guard)
         return ItemResult("ok", stats={"inputs": inputs, "output": str(board)})
     raise ValueError(f"unknown item kind {item.kind!r}")
 
@@ -466,9 +455,13 @@ def train_run_dir(plan: Plan, item: WorkItem) -> Path:
     return Layout(plan.options.workdir).run_dir(plan.suite.name, ds.name, item.method or "", tag)
 
 
-def _in_plan(plan: Plan, run_dir: Path) -> bool:
-    """True for the run folder of one of the plan's train items (heatmaps as `bench run`: its own runs only)."""
-    return any(it.kind == "train" and train_run_dir(plan, it) == Path(run_dir) for it in plan.items)
+def _record_ok(run_dir: Path) -> bool:
+    from bench.evaluation.records import load_run
+
+    try:
+        return load_run(run_dir).ok
+    except BenchError:
+        return False
 
 
 # ----------------------------------------------------------------------------- states

@@ -39,6 +39,7 @@ from bench.evaluation.costs import StageTimer
 from bench.common.errors import BenchError, ConfigError, MissingFileError, WriteError
 from bench.common.files import config_hash
 from bench.data.layout import Layout, mag_tag
+from bench.orchestration.claims import LeaseLost
 from bench.orchestration.suite import DatasetSpec, MethodSpec, Suite, thaw
 
 if TYPE_CHECKING:
@@ -535,8 +536,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
         extra["dropped_from_split"] = [list(d) for d in bags.dropped]
         with timer.stage(f"train {method.paradigm}"):
             result = train_method(prep, method, params, agg_params, bags, run_dir, seed=seed, device=options.device,
-                                  features=features)
-    except (KeyboardInterrupt, WriteError):
+                                  features=features, epoch_callback=None if guard is None else _guard_epochs(guard))
+    except (KeyboardInterrupt, WriteError, LeaseLost):
         raise  # a full or read-only disk is not the method's failure: the stage ends, finished runs stay
     except Exception as exc:  # noqa: BLE001 - a failing method is recorded as failed and the suite goes on
         status, error = "failed", f"{type(exc).__name__}: {exc}"
@@ -570,6 +571,14 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     if primary:
         info(f"[{ds.name}] {method.name} {tag}: {primary}")
     return RunOutcome(ds.name, method.name, tag, status, run_dir, primary, error, record.path)
+
+
+def _guard_epochs(guard: Callable[[], None]) -> EpochCallback:
+    """An epoch callback that stops training (LeaseLost) once a worker no longer holds the item."""
+    def check(epoch: int, row: dict) -> None:
+        guard()
+
+    return check
 
 
 def _primary_text(record: Any, task: Any) -> str | None:
@@ -652,20 +661,32 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
                 for fold in folds:
                     report.outcomes.append(run_one(suite, prep, method, seed, fold, options, timer, feature_cache))
     if options.leaderboards is not None:
-        from bench.evaluation.heatmaps import heatmaps_for_suite
-        from bench.evaluation.leaderboard import build_leaderboard
-
-        with timer.stage("heatmaps"):  # one test slide per method and dataset; the leaderboard links them
-            heatmaps_for_suite([o.run_dir for o in report.outcomes if o.status in ("ok", "cached")],
-                               Path(options.leaderboards) / suite.name, max_slides=1)
-        with timer.stage("leaderboard"):
-            report.leaderboard = build_leaderboard(
-                Path(options.workdir), suite.name, Path(options.leaderboards), synthetic=suite.demo,
-                reported=suite.reported, command=options.command,
-                data_names={d.name: d.data for d in suite.datasets}, expectations=suite.expectations())
+        report.leaderboard = draw_leaderboard(suite, options, [o.run_dir for o in report.outcomes
+                                                               if o.status in ("ok", "cached")], timer)
     report.stage_seconds = timer.to_dict()
     _write_stage_times(Path(options.workdir), suite.name, report)
     return report
+
+
+def draw_leaderboard(suite: Suite, options: RunOptions, run_dirs: Sequence[Path], timer: StageTimer,
+                     guard: Callable[[], None] | None = None) -> Path:
+    """Heatmaps of the finished runs `run_dirs` (one test slide per method and dataset), then the leaderboard
+    that links them (also the leaderboard item of `bench worker`, whose `guard` is called before each write)."""
+    from bench.evaluation.heatmaps import heatmaps_for_suite
+    from bench.evaluation.leaderboard import build_leaderboard
+
+    assert options.leaderboards is not None
+    if guard is not None:
+        guard()
+    with timer.stage("heatmaps"):
+        heatmaps_for_suite(list(run_dirs), Path(options.leaderboards) / suite.name, max_slides=1)
+    if guard is not None:
+        guard()
+    with timer.stage("leaderboard"):
+        return build_leaderboard(
+            Path(options.workdir), suite.name, Path(options.leaderboards), synthetic=suite.demo,
+            reported=suite.reported, command=options.command,
+            data_names={d.name: d.data for d in suite.datasets}, expectations=suite.expectations())
 
 
 def _write_stage_times(workdir: Path, suite: str, report: SuiteReport) -> None:
@@ -696,6 +717,6 @@ def stage_table(report: SuiteReport) -> str:
 
 
 __all__ = ["RunOptions", "SuiteReport", "RunOutcome", "PreparedDataset", "FoldJob", "prepare_fold", "run_suite",
-           "prepare_dataset", "open_cohort", "run_one", "run_identity", "RunIdentity",
+           "prepare_dataset", "open_cohort", "run_one", "run_identity", "RunIdentity", "draw_leaderboard",
            "train_method", "method_settings", "split_params", "make_task_for", "extract_features",
            "available_slides", "cohort_folder", "outcome_table", "stage_table"]
