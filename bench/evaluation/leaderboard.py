@@ -629,6 +629,27 @@ def _reported_section(source: str, reported: pd.DataFrame, data_name: str, kind:
 # ----------------------------------------------------------------------------- footer
 
 
+def degenerate_lines(rows: Sequence[MethodRow], primary: str, higher: bool) -> list[str]:
+    """One line per row whose primary interval has zero width, saying what that means (nothing is hidden)."""
+    label = METRIC_LABELS.get(primary, primary)
+    out = []
+    for row in rows:
+        m = row.metric(primary)
+        if m is None or m[1] != m[2]:
+            continue
+        best, worst = (1.0, 0.0) if higher else (0.0, 1.0)
+        if primary in ("auc", "c_index") and m[0] == best:
+            why = ("every bootstrap resample of the test set is ranked perfectly (the planted effect is easy for "
+                   "this method at this size), so the interval has no width")
+        elif primary in ("auc", "c_index") and m[0] == worst:
+            why = ("every pair is ranked the wrong way round on every resample: the predictions are inverted "
+                   "(e.g. a constant or label-flipped output), not a measurement error")
+        else:
+            why = "every bootstrap resample gives the same value (the predictions do not vary across the test bags)"
+        out.append(f"- `{row.method}`: {label} {m[0]:.3f} with a zero-width interval: {why}.")
+    return out
+
+
 def planted_lines(rows: Sequence[MethodRow], expected: Sequence[Mapping[str, Any]], primary: str) -> list[str]:
     """Markdown lines naming each planted effect and whether the table recovers it.
 
@@ -815,6 +836,7 @@ def _dataset_section(recs: Sequence[RunRecord], unreadable: Sequence[Unreadable]
         lines.append(measured_table(rows, comparisons, task))
         lines += [f"- n/a vs best for {m}: {_one_line(c.reason)}" for m, c in comparisons.items()
                   if c.p_value is None]
+        lines += degenerate_lines(rows, primary, higher)
         plot_dir = out_dir / suite
         plots = [("metric against inference cost", _cost_plot(rows, task, dataset, plot_dir / f"{dataset}-cost.png"))]
         if task["kind"] == "classification":

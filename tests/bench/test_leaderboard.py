@@ -494,3 +494,19 @@ def test_planted_effects_are_named_and_checked_by_the_paired_bootstrap(board, tm
         _record(real, "subtyping", "tcga-brca", task, method, frame, synthetic=False)
     text = build_leaderboard(real, "subtyping", tmp_path / "out2", expectations={"tcga-brca": expect}).read_text()
     assert "Planted effect" not in text
+
+
+def test_zero_width_intervals_are_explained(tmp_path):
+    work = tmp_path / "work"
+    task = make_task("classification", classes=("IDC", "ILC"))
+    frames = _classification()
+    y = frames["two-stage/r18/abmil"]["label"].to_numpy()
+    perfect = frames["two-stage/r18/abmil"].assign(prob_1=np.where(y == 1, 0.9, 0.1), prob_0=np.where(y == 1, 0.1, 0.9))
+    inverted = perfect.assign(prob_1=perfect["prob_0"], prob_0=perfect["prob_1"])
+    _record(work, "subtyping", "tcga-brca", task, "e2e/r18/abmilx", perfect)
+    _record(work, "subtyping", "tcga-brca", task, "two-stage/r18/mean", inverted)
+    _record(work, "subtyping", "tcga-brca", task, "two-stage/r18/abmil", frames["two-stage/r18/mean"])
+    text = build_leaderboard(work, "subtyping", tmp_path / "out").read_text(encoding="utf-8")
+    assert "- `e2e/r18/abmilx`: AUC 1.000 with a zero-width interval: every bootstrap resample" in text
+    assert "- `two-stage/r18/mean`: AUC 0.000 with a zero-width interval: every pair is ranked the wrong way" in text
+    assert "`two-stage/r18/abmil`: AUC" not in text  # a real interval gets no line
