@@ -189,3 +189,14 @@ def test_cli_table_lists_every_encoder_with_its_facts(capsys):
         assert int(rows[name][1]) == spec.embed_dim and int(rows[name][2]) == spec.input_size
         assert rows[name][4] == ("yes" if spec.gated else "no") and rows[name][5] == spec.licence
     assert "prism" in slide_part and "virchow" in slide_part
+
+
+def test_cli_check_builds_on_meta_and_prints_the_measured_size(capsys):
+    from bench.cli.main import main
+
+    assert main(["encoders", "--check", "resnet18-trunc", "kaiko-vits16"]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["resnet18-trunc"][1:] == ["256", "256", "224", "2,782,784", "ok"]
+    assert rows["kaiko-vits16"][2] == "384"
+    assert main(["encoders", "--check", "no-such-encoder"]) == 2  # unknown name: one error line

@@ -17,13 +17,26 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--references", action="store_true",
                         help="also show each entry's model card and what was looked up there")
+    parser.add_argument("--check", nargs="*", metavar="NAME", default=None,
+                        help="build the named patch encoders (all if none named) on the meta device (no weights, "
+                             "no download) and print the embedding size and parameter count they produce")
 
 
 def run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from baselines.encoders import ENCODERS
+    from baselines.encoders import ENCODERS, check_on_meta, get_encoder
     from baselines.encoders_slide import SLIDE_ENCODERS
+
+    if args.check is not None:
+        rows = []
+        for name in args.check or ENCODERS.names():
+            spec = get_encoder(name)
+            dim, params = check_on_meta(spec)  # a contradiction raises, naming the entry and field
+            rows.append([name, spec.embed_dim, dim, spec.input_size, f"{params:,}", "ok"])
+        print(tabulate(rows, headers=["name", "claimed dim", "meta dim", "input", "parameters", "check"],
+                       tablefmt="github"))
+        return 0
 
     rows = []
     for name, spec in ENCODERS.items():
