@@ -107,9 +107,9 @@ def check_pairing(slide_encoder: str, patch_encoder: str) -> SlideEncoderSpec:
     if patch_encoder != spec.patch_encoder:
         from baselines.encoders import ENCODERS
 
-        given = ENCODERS._items.get(patch_encoder)  # noqa: SLF001 (a lookup without the unknown-name error)
-        given_dim = f" ({given.embed_dim}-d)" if given is not None else ""
-        registered = "" if spec.patch_encoder in ENCODERS._items else " (not registered in this harness)"  # noqa: SLF001
+        known = set(ENCODERS.names())
+        given_dim = f" ({ENCODERS.get(patch_encoder).embed_dim}-d)" if patch_encoder in known else ""
+        registered = "" if spec.patch_encoder in known else " (not registered in this harness)"
         raise ConfigError(
             f"slide encoder {slide_encoder!r} cannot take features of patch encoder {patch_encoder!r}{given_dim}: "
             f"it was trained on {spec.patch_encoder!r}{registered} features ({spec.patch_dim}-d at "
@@ -131,7 +131,7 @@ def _register_builtins() -> None:
     from baselines.encoders import ENCODERS, REGISTRY_FILE
 
     for spec in load_slide_registry(REGISTRY_FILE):
-        patch = ENCODERS._items.get(spec.patch_encoder)  # noqa: SLF001
+        patch = ENCODERS.get(spec.patch_encoder) if spec.patch_encoder in ENCODERS.names() else None
         if patch is not None and patch.embed_dim != spec.patch_dim:
             raise ConfigError(f"{REGISTRY_FILE}: slide encoder {spec.name!r} field 'patch_dim' = {spec.patch_dim} "
                               f"but patch encoder {spec.patch_encoder!r} has embed_dim {patch.embed_dim}")

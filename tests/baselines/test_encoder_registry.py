@@ -160,7 +160,7 @@ def test_missing_weights_of_a_licensed_encoder_name_the_licence_and_model_page(t
 def test_slide_encoders_declare_their_patch_encoder_and_refuse_others():
     assert {"gigapath-slide", "chief", "titan", "prism", "feather-uni2"} <= set(SLIDE_ENCODERS.names())
     for name, spec in SLIDE_ENCODERS.items():
-        if spec.patch_encoder in ENCODERS._items:
+        if spec.patch_encoder in ENCODERS.names():
             assert ENCODERS.get(spec.patch_encoder).embed_dim == spec.patch_dim, name
     assert check_pairing("gigapath-slide", "gigapath").embed_dim == 768
     with pytest.raises(ConfigError, match=r"slide encoder 'prism' cannot take features of patch encoder 'uni' "
