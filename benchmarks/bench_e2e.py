@@ -13,16 +13,20 @@
    over hundreds of steps in a real epoch, is left out). Epoch 0 (worker start,
    warm-up) is not timed; rate = s x steps / best timed epoch. Ratio = trainer /
    bare (goal >= 0.85).
-2. **Memory: the most sampled patches per step under a budget**, with and without
-   activation checkpointing. Measured: the peak of torch's allocations during one
-   training step (forward, loss, backward; parameter gradients allocated in the
-   step, as after `zero_grad(set_to_none=True)`) above what was allocated before it.
+2. **Memory: the most sampled patches per step under a budget**: no checkpointing;
+   checkpointing of the stem and every block over the whole sample (train-mode
+   BatchNorm, the default); and frozen BatchNorm (`bn = "frozen"`) with the whole
+   encoder checkpointed chunk by chunk (`--chunk` patches). Measured: the peak of
+   torch's allocations during one training step (the sample's input copied onto the
+   device, forward, loss, backward; parameter gradients allocated in the step, as
+   after `zero_grad(set_to_none=True)`) above what was allocated before it.
    On CPU the peak comes from the profiler's allocation events (every allocation
    and free of torch's CPU allocator, in order) - a proxy for GPU memory without the
    allocator cache; on CUDA it is `torch.cuda.max_memory_allocated`. Peaks at a few
    sample counts are fitted with a line (activations grow linearly in s); the most
    patches under `--budget-mib` follows from the fit and is then measured once more
-   to check it fits. Goal: >= 3x more patches with checkpointing.
+   to check it fits (a budget that cannot hold one patch stops with the smallest that
+   works). Goal: >= 3x more patches with checkpointing.
 3. `--cuda` (a GPU machine): parts 1 and 2 on the GPU (bf16 autocast, channels_last),
    the paper's fixed inference benchmark (10,000 patches of 224 px through
    ResNet-18-trunc + ABMILX, `e2e.inference.fixed_inference_benchmark`) and patches per
@@ -193,29 +197,32 @@ def _cpu_peak_mib(fn) -> float:
 
 
 def step_peak_mib(encoder, aggregator, n: int, input_size: int, checkpointing: bool, device,
-                  precision: str) -> float:
-    """Peak memory (MiB) of one training step on `n` patches, input already on the device."""
+                  precision: str, bn: str = "train", chunk: int | None = None) -> float:
+    """Peak memory (MiB) of one training step on `n` patches, the sample's input tensor included
+    (copied onto the device inside the step, as the trainer's `x.to(device)`)."""
     import torch
     import torch.nn.functional as F
 
     from bench.evaluation.training import autocast
-    from e2e.forward import batchnorm_buffers, encoder_forward
+    from e2e.forward import batchnorm_buffers, encoder_forward, set_encoder_mode
 
-    x = torch.randn(n, 3, input_size, input_size, device=device)  # (n, 3, S, S)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    set_encoder_mode(encoder, bn)
+    host = torch.randn(n, 3, input_size, input_size)  # (n, 3, S, S)
     y = torch.tensor([1], device=device)
-    bn = batchnorm_buffers(encoder) if checkpointing else []
+    bn_buffers = batchnorm_buffers(encoder) if checkpointing and bn == "train" else []
 
     def step() -> None:
         for m in (encoder, aggregator):
             m.zero_grad(set_to_none=True)
+        x = host.to(device, copy=True)  # counted: the sample lives on the device during the step
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            feats = encoder_forward(encoder, x, checkpointing)  # (n, D)
-        saved = [t.clone() for t in bn]
+            feats = encoder_forward(encoder, x, checkpointing, bn=bn, chunk=chunk)  # (n, D)
+        saved = [t.clone() for t in bn_buffers]
         out = aggregator(feats.float().unsqueeze(0))
         F.cross_entropy(out.logits.float(), y).backward()
-        for t, s in zip(bn, saved):
+        for t, s in zip(bn_buffers, saved):
             t.copy_(s)
 
     step()  # warm-up (cudnn plans, lazy state)
@@ -231,13 +238,41 @@ def step_peak_mib(encoder, aggregator, n: int, input_size: int, checkpointing: b
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def most_patches(peak_at, ns: list[int], budget_mib: float, what: str,
+                 cap: int | None = None) -> tuple[list[float], float, float, int, float]:
+    """(peaks at ns, MiB per patch, fixed MiB, most patches under the budget, peak measured there).
+
+    The count comes from a line fitted to the peaks (at most `cap`: measuring a step of
+    thousands of patches takes minutes on a CPU), then is measured and lowered until it fits.
+
+    Raises:
+        SystemExit: the budget cannot hold one patch; the message gives the smallest budget that works.
+    """
+    peaks = [peak_at(n) for n in ns]
+    slope, intercept = np.polyfit(ns, peaks, 1)
+    n_max = max(1, int(math.floor((budget_mib - intercept) / slope)))
+    if cap is not None:
+        n_max = min(n_max, cap)
+    while True:  # the fit's answer, checked (and lowered if it does not fit after all)
+        at = peak_at(n_max)
+        if at <= budget_mib:
+            return peaks, float(slope), float(intercept), n_max, at
+        if n_max == 1:
+            raise SystemExit(f"--budget-mib {budget_mib:g} cannot hold one patch ({what}): one patch takes "
+                             f"{at:.1f} MiB; the smallest budget that works is {math.ceil(at)} MiB"
+                             + (" (or a smaller --chunk)" if "chunk" in what else ""))
+        n_max = max(1, min(n_max - 1, int(n_max * budget_mib / at)))
+
+
 def memory_section(args: argparse.Namespace, encoder_name: str, input_size: int, device_name: str, precision: str,
-                   ns: list[int], budget_mib: float) -> None:
+                   ns: list[int], budget_mib: float, chunk: int, frozen_ns: list[int] | None = None) -> dict:
     import torch
 
     from baselines.encoders import build_encoder
     from baselines.mil import build_aggregator
+    from e2e.forward import check_chunk
 
+    check_chunk(chunk)
     device = torch.device(device_name)
     loaded = build_encoder(encoder_name, random_init=True, seed=0, trainable=True, input_size=input_size)
     encoder = loaded.model.to(device).train()
@@ -247,26 +282,30 @@ def memory_section(args: argparse.Namespace, encoder_name: str, input_size: int,
     what = ("peak of torch CPU allocations (profiler events; a proxy for GPU memory)" if device.type == "cpu"
             else "torch.cuda.max_memory_allocated")
     print(f"\n## 2. patches per step under {budget_mib:,.0f} MiB: {encoder_name} + {AGGREGATOR} at {input_size} px, "
-          f"{device_name} {precision}; memory = {what} of one step (forward, loss, backward)\n")
-    print("| activation checkpointing | " + " | ".join(f"s = {n} (MiB)" for n in ns)
-          + " | MiB per patch | fixed (MiB) | most patches under budget | measured there (MiB) |")
-    print("|---|" + "---:|" * (len(ns) + 4))
+          f"{device_name} {precision}; memory = {what} of one step (input sample on the device, forward, loss, "
+          "backward)\n")
+    print("| activation checkpointing | encoder BatchNorm | peaks at s = (MiB) | MiB per patch | fixed (MiB) "
+          "| most patches under budget | measured there (MiB) | x no checkpointing |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    modes = [("no", False, "train", None, ns), ("stem + every block, whole sample", True, "train", None, ns),
+             (f"whole encoder, chunks of {chunk} patches", True, "frozen", chunk, frozen_ns or ns)]
     most = {}
-    for ckpt in (False, True):
-        peaks = [step_peak_mib(encoder, aggregator, n, input_size, ckpt, device, precision) for n in ns]
-        slope, intercept = np.polyfit(ns, peaks, 1)
-        n_max, at = int(math.floor((budget_mib - intercept) / slope)), math.nan
-        while n_max > 1:  # the fit's answer, checked (and lowered if it does not fit after all)
-            at = step_peak_mib(encoder, aggregator, n_max, input_size, ckpt, device, precision)
-            if at <= budget_mib:
-                break
-            n_max = int(n_max * budget_mib / at)
-        most[ckpt] = n_max
-        print(f"| {'yes' if ckpt else 'no'} | " + " | ".join(f"{p:.0f}" for p in peaks)
-              + f" | {slope:.2f} | {intercept:.0f} | {n_max} | {at:.0f} |", flush=True)
-    print(f"\nwith checkpointing: {most[True] / most[False]:.2f}x more patches per step at the same memory "
-          f"(goal >= 3x): {most[False] * 1024 / budget_mib:.0f} vs {most[True] * 1024 / budget_mib:.0f} patches "
-          "per GiB")
+    for label, ckpt, bn, ch, fit_ns in modes:
+        peaks, slope, intercept, n_max, at = most_patches(
+            lambda n: step_peak_mib(encoder, aggregator, n, input_size, ckpt, device, precision, bn, ch),
+            fit_ns, budget_mib, f"checkpointing {label}, bn {bn}", args.max_patches)
+        capped = n_max == args.max_patches
+        most[label] = n_max
+        base = most[modes[0][0]]
+        print(f"| {label} | {bn} | " + ", ".join(f"{n}: {p:.0f}" for n, p in zip(fit_ns, peaks))
+              + f" | {slope:.3f} | {intercept:.0f} | {'>= ' if capped else ''}{n_max} | {at:.0f} | "
+              f"{'>= ' if capped else ''}{n_max / base:.2f} |", flush=True)
+    base, stem, frozen = (most[m[0]] for m in modes)
+    per_gib = 1024 / budget_mib
+    print(f"\nwith checkpointing: {stem / base:.2f}x more patches per step at the same memory in train-mode "
+          f"BatchNorm, {frozen / base:.2f}x with frozen BatchNorm and chunks of {chunk} (goal >= 3x): "
+          f"{base * per_gib:.0f} / {stem * per_gib:.0f} / {frozen * per_gib:.0f} patches per GiB")
+    return {"none": base, "stem": stem, "frozen": frozen}
 
 
 # ----------------------------------------------------------------------------- 3. fixed inference benchmark
@@ -309,6 +348,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's)")
     p.add_argument("--mem-samples", type=int, nargs="+", default=[16, 32, 64],
                    help="sample counts of the memory fit (default: 16 32 64)")
+    p.add_argument("--frozen-samples", type=int, nargs="+", default=[64, 128, 256],
+                   help="sample counts of the memory fit with frozen BatchNorm, chunked (default: 64 128 256)")
+    p.add_argument("--max-patches", type=int, default=4096,
+                   help="most patches a memory step is measured at; a larger fit is reported as '>=' (default: 4096)")
+    p.add_argument("--chunk", type=int, default=16,
+                   help="patches per recomputed chunk with frozen BatchNorm (default: 16)")
     p.add_argument("--budget-mib", type=float, default=512, help="memory budget of part 2 (default: 512)")
     p.add_argument("--parts", type=int, nargs="+", default=[1, 2], help="parts to run (default: 1 2)")
     p.add_argument("--fixed-inference", action="store_true", help="also run part 3 (slow on CPU)")
@@ -319,6 +364,7 @@ def main() -> None:
     if args.quick:
         args.input, args.patch, args.samples, args.slides, args.epochs = 32, 64, 8, 3, 3
         args.width, args.height, args.mem_samples, args.budget_mib = 1024, 768, [8, 16], 64
+        args.frozen_samples, args.chunk, args.max_patches = [16, 32], 8, 256
 
     import torch
 
@@ -339,9 +385,10 @@ def main() -> None:
             data = make_data(Path(tmp), args)
             throughput_section(args, data, dev, precision)
     if 2 in args.parts:
-        memory_section(args, ENCODER, args.input, dev, precision, args.mem_samples, args.budget_mib)
+        memory_section(args, ENCODER, args.input, dev, precision, args.mem_samples, args.budget_mib, args.chunk,
+                       args.frozen_samples)
     if args.cuda:
-        memory_section(args, "resnet50-trunc", 224, dev, precision, [64, 128, 256], 16384)
+        memory_section(args, "resnet50-trunc", 224, dev, precision, [64, 128, 256], 16384, 64, [256, 512, 1024])
     if args.cuda or args.fixed_inference:
         fixed_section(dev, precision)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}; {time.perf_counter() - t0:.0f} s in all")
