@@ -505,6 +505,8 @@ def item_states(ctx: Context, done_cache: set[str] | None = None) -> list[ItemSt
             state = "blocked"
         elif any(s != "done" for s in deps) or any(s not in ("done", "failed", "blocked") for s in later):
             state = "pending"
+        elif live and not (record is not None and record.get("status") == "ok"):
+            state = "claimed"  # another worker is on it: its output is not checked now (the check can take seconds)
         elif _done(ctx, item, record):
             state = "done"
         elif record is not None and record.get("status") == "failed" and int(record.get("attempts", 0)) >= MAX_ATTEMPTS:

@@ -50,7 +50,7 @@ class WorkerOptions:
 
     worker_id: str | None = None
     lease_s: float = DEFAULT_LEASE_S
-    poll_s: float = 2.0
+    poll_s: float = 0.5
     gpus: int | None = None
     max_items: int | None = None
 
