@@ -149,7 +149,17 @@ def make_synthetic(ds: DatasetSpec, folder: Path) -> Path:
     settings.setdefault("kind", SYNTHETIC_KIND[ds.task])
     if ds.classes is not None and settings["kind"] != "survival":
         settings.setdefault("classes", tuple(ds.classes))
-    return make_cohort(SyntheticSpec(**settings), folder)
+    spec = SyntheticSpec(**settings)
+    try:
+        return make_cohort(spec, folder)
+    except ConfigError as exc:
+        if "other settings" not in str(exc):
+            raise
+        # the harness never deletes a cohort folder, even one it wrote: the user decides
+        raise ConfigError(f"{folder} holds a synthetic cohort written with other settings than dataset {ds.name!r} "
+                          "now asks for (an earlier version of the suite's [demo] table?); tiles, features and "
+                          "splits made from it would not match. Use a new work folder (--workdir DIR) or delete "
+                          "this work folder to rebuild the demo from scratch") from exc
 
 
 def tilings_needed(ds: DatasetSpec, methods: Sequence[MethodSpec]) -> list[tuple[float, int]]:

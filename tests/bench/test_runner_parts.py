@@ -186,3 +186,21 @@ def test_synthetic_cohort_of_a_dataset_with_its_own_labels_file_name(tmp_path):
     }, source="test")
     prep = prepare_dataset(suite, suite.datasets[0], RunOptions(workdir=tmp_path / "work"), StageTimer())
     assert prep.synthetic and prep.cohort.task == "survival" and len(prep.cohort.slide_ids) >= 8
+
+
+def test_a_demo_cohort_written_with_other_settings_is_a_clear_error_not_reused(tmp_path):
+    from dataclasses import replace
+
+    from bench.common.errors import ConfigError
+    from bench.orchestration.runner import make_synthetic
+    from bench.orchestration.suite import thaw
+
+    ds = load_suite("subtyping", demo=True).dataset("tcga-brca")
+    small = replace(ds, synthetic={**thaw(ds.synthetic), "n_slides": 2, "width": 512, "height": 512})
+    folder = make_synthetic(small, tmp_path / "data" / "tcga-brca")
+    before = sorted(p.name for p in (folder / "slides").iterdir())
+    other = replace(small, synthetic={**thaw(small.synthetic), "witness_rate": 0.3})
+    with pytest.raises(ConfigError, match=r"other settings than dataset 'tcga-brca'.*--workdir"):
+        make_synthetic(other, folder)
+    assert sorted(p.name for p in (folder / "slides").iterdir()) == before  # nothing deleted or rewritten
+    assert make_synthetic(small, folder) == folder  # the same settings reuse it
