@@ -66,7 +66,7 @@ class RunOptions:
     params: str = "suite"  # "suite" | "best" (parameters from `bench sweep`)
     leaderboards: Path | None = Path("leaderboards")
     force: bool = False
-    extract_workers: int = 2
+    extract_workers: int | None = None  # None: chosen by ExtractOptions.settings
     command: str | None = None
     features_dir: Path | None = None  # `bench train --features DIR`: two-stage features read there, never written
 

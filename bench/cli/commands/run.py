@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hyperparameters: the suite's, or the best found by `bench sweep` (default: suite)")
     p.add_argument("--leaderboards", default="leaderboards", help="folder for <suite>.md (default: leaderboards)")
     p.add_argument("--no-leaderboard", action="store_true", help="do not write the leaderboard")
-    p.add_argument("--workers", type=int, default=2, help="patch-reading workers of feature extraction (default: 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="patch-reading workers of feature extraction (default: chosen from the cores, the encoder and "
+                        "the device; the console prints the choice)")
     p.add_argument("--force", action="store_true", help="retrain methods whose records are up to date")
     p.add_argument("--list", action="store_true", help="list the suite's datasets and methods and exit")
     g = p.add_argument_group("many processes, GPUs or nodes (see bench worker)")

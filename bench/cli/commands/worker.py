@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", choices=("suite", "best"), default="suite", help="hyperparameters (as bench run)")
     p.add_argument("--leaderboards", default="leaderboards", help="folder for <suite>.md (default: leaderboards)")
     p.add_argument("--no-leaderboard", action="store_true", help="leave the leaderboard item out")
-    p.add_argument("--workers", type=int, default=2, help="patch-reading workers of feature extraction (default: 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="patch-reading workers of feature extraction (default: chosen from the cores and the encoder)")
     add_worker_arguments(p)
 
 
