@@ -21,16 +21,23 @@ from bench.evaluation.training import (
 )
 
 
-def test_selector_keeps_best_weights_and_earlier_ties():
+def test_selector_keeps_best_weights_and_later_ties():
     m = torch.nn.Linear(2, 1)
     sel = ModelSelector("auc", higher_is_better=True)
+    kept = []
     for epoch, value in enumerate([0.6, 0.8, 0.8, float("nan"), 0.7]):
         with torch.no_grad():
             m.weight.fill_(epoch)
-        sel.update(epoch, value, {"model": m})
-    assert sel.best_epoch == 1 and sel.best_value == 0.8
+        kept.append(sel.update(epoch, value, {"model": m}))
+    assert sel.best_epoch == 2 and sel.best_value == 0.8  # the tie at epoch 2 wins: it trained longer
+    assert kept == [True, True, True, False, False]
     sel.restore({"model": m})
-    assert torch.all(m.weight == 1)
+    assert torch.all(m.weight == 2)
+    # a flat metric (a coarse validation split) keeps the last epoch, not the untrained first one
+    flat = ModelSelector("c_index", patience=2)
+    for epoch in range(5):
+        flat.update(epoch, 0.5, {"model": m})
+    assert flat.best_epoch == 4 and flat.should_stop  # ties do not reset the patience
 
 
 def test_selector_lower_is_better_and_patience():
