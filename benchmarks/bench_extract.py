@@ -118,6 +118,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--height", type=int, default=6144)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rows", choices=("all", "goal", "auto"), default="all",
+                        help="goal: only the automatic settings and the fixed --workers row; auto: the automatic "
+                             "settings only (default: all)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the batch-size sweep and the read-only line")
     args = parser.parse_args()
     os.environ.setdefault("BENCH_PROGRESS", "0")
 
@@ -141,6 +145,8 @@ def main() -> None:
         print("-" * len(header))
         # (workers, main threads): the automatic settings (goal row) first, then fixed ones
         configs = [(None, None), (workers, None)] + ([(workers, 1), (1, None)] if not cuda else [(0, None)])
+        if args.rows != "all":
+            configs = configs[:2 if args.rows == "goal" else 1]
         for name in args.encoders:
             encoder = build_encoder(name, random_init=True, seed=0)
             encoder.model.to(device)
@@ -162,13 +168,14 @@ def main() -> None:
             if cuda:
                 print(f"{'':<16}seconds per slide of 10,000 patches at the pipeline's rate: "
                       f"{10_000 * pipe_s / n:.1f} s ({precision}, batch {batch}, {workers} workers)")
-            else:
+            elif not args.no_sweep:
                 sweep = {bs: n / min(bare_forward(encoder, list(torch.split(torch.cat(batches), bs)), device, precision)
                                      for _ in range(args.repeats)) for bs in (4, 8, 16, 64)}
                 print(f"{'':<16}bare forward p/s by batch size: "
                       + ", ".join(f"{bs}: {rate:.1f}" for bs, rate in sweep.items()))
-            print(f"{'':<16}reading alone ({workers} workers, no model): "
-                  f"{read_only(job, coords_path, encoder, workers, batch):.0f} p/s")
+            if not args.no_sweep:
+                print(f"{'':<16}reading alone ({workers} workers, no model): "
+                      f"{read_only(job, coords_path, encoder, workers, batch):.0f} p/s")
         print("\nratio = pipeline / bare forward with all threads, same patches, same run; "
               f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
