@@ -354,6 +354,10 @@ def parse_suite(raw: Mapping[str, Any], *, source: str = "<suite>", demo: bool =
             for key, value in overlay.items():
                 d[key] = {**d[key], **value} if isinstance(value, Mapping) and isinstance(d.get(key), Mapping) else value
         datasets.append(_parse_dataset(_paper_split(d, where, demo), where))
+        try:  # a bad split is an error at load, not after the cohort was tiled
+            datasets[-1].split_spec()
+        except ConfigError as exc:
+            raise (where / "split").error(str(exc)) from None
     _unique([d.name for d in datasets], "dataset", top / "datasets")
 
     methods_raw = demo_raw["methods"] if demo and "methods" in demo_raw else raw["methods"]

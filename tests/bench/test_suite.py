@@ -199,3 +199,10 @@ def test_planted_expectations_are_validated_and_carry_the_knob(tmp_path):
     # the built-in demos plant at least one contrast per subtyping dataset, none in the real suites
     demo = load_suite("subtyping", demo=True).expectations()
     assert set(demo) == {"tcga-brca", "tcga-nsclc"} and not load_suite("subtyping").expectations()
+
+
+def test_a_bad_split_is_an_error_at_load_naming_the_dataset(tmp_path):
+    text = MINIMAL.replace('task = "classification"\n', 'task = "classification"\n'
+                           'split = { protocol = "holdout", ratios = [0.35, 0.15, 0.5], val_fraction = 0.2 }\n', 1)
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.split: give either three ratios"):
+        load_suite(write(tmp_path, text))
