@@ -630,23 +630,27 @@ def _reported_section(source: str, reported: pd.DataFrame, data_name: str, kind:
 
 
 def degenerate_lines(rows: Sequence[MethodRow], primary: str, higher: bool) -> list[str]:
-    """One line per row whose primary interval has zero width, saying what that means (nothing is hidden)."""
-    label = METRIC_LABELS.get(primary, primary)
+    """One line per row and metric whose interval has zero width, saying what that means (nothing is hidden)."""
     out = []
     for row in rows:
-        m = row.metric(primary)
-        if m is None or m[1] != m[2]:
-            continue
-        best, worst = (1.0, 0.0) if higher else (0.0, 1.0)
-        if primary in ("auc", "c_index") and m[0] == best:
-            why = ("every bootstrap resample of the test set is ranked perfectly (the planted effect is easy for "
-                   "this method at this size), so the interval has no width")
-        elif primary in ("auc", "c_index") and m[0] == worst:
-            why = ("every pair is ranked the wrong way round on every resample: the predictions are inverted "
-                   "(e.g. a constant or label-flipped output), not a measurement error")
-        else:
-            why = "every bootstrap resample gives the same value (the predictions do not vary across the test bags)"
-        out.append(f"- `{row.method}`: {label} {m[0]:.3f} with a zero-width interval: {why}.")
+        names = [primary] + sorted(k for k in row.first.metrics if k != primary)
+        for name in names:
+            m = row.metric(name)
+            if m is None or m[1] != m[2]:
+                continue
+            label = METRIC_LABELS.get(name, name)
+            ranked = name in ("auc", "c_index")
+            if ranked and m[0] == (1.0 if higher or name != primary else 0.0):
+                why = ("every bootstrap resample of the test set is ranked perfectly (the planted effect is easy "
+                       "for this method at this size)")
+            elif ranked and m[0] == 0.0:
+                why = ("every pair is ranked the wrong way round on every resample: the predictions are inverted "
+                       "(e.g. a label-flipped output), not a measurement error")
+            elif name == "qwk" and m[0] == 0.0:
+                why = "the method gives every test bag the same grade, and kappa of a constant rating is 0"
+            else:
+                why = "every bootstrap resample gives the same value (the predictions do not vary across the test bags)"
+            out.append(f"- `{row.method}`: {label} {m[0]:.3f} with a zero-width interval: {why}.")
     return out
 
 

@@ -510,3 +510,17 @@ def test_zero_width_intervals_are_explained(tmp_path):
     assert "- `e2e/r18/abmilx`: AUC 1.000 with a zero-width interval: every bootstrap resample" in text
     assert "- `two-stage/r18/mean`: AUC 0.000 with a zero-width interval: every pair is ranked the wrong way" in text
     assert "`two-stage/r18/abmil`: AUC" not in text  # a real interval gets no line
+
+
+def test_a_constant_grader_gets_its_zero_kappa_explained(tmp_path):
+    work = tmp_path / "work"
+    task = make_task("grading", n_grades=6)
+    y = np.arange(60) % 6
+    probs = np.full((60, 6), 0.1)
+    probs[:, 2] = 0.5  # grade 2 for every bag
+    frame = pd.DataFrame({"bag_id": [f"s{i}" for i in range(60)], "patient_id": [f"p{i}" for i in range(60)],
+                          "label": y, **{f"prob_{k}": probs[:, k] for k in range(6)}})
+    _record(work, "grading", "panda", task, "two-stage/r18/mean", frame)
+    text = build_leaderboard(work, "grading", tmp_path / "out").read_text(encoding="utf-8")
+    assert ("- `two-stage/r18/mean`: QWK 0.000 with a zero-width interval: the method gives every test bag the same "
+            "grade") in text
