@@ -155,24 +155,35 @@ def _group(records: Sequence[RunRecord], primary: str) -> tuple[list[MethodRow],
     return rows, failed
 
 
-def compare(best: MethodRow, other: MethodRow, primary: str) -> Comparison:
-    """`paired_bootstrap(best, other)` on each common split (resamples of the best record)."""
+def paired_results(a_row: MethodRow, b_row: MethodRow, primary: str) -> tuple[list[Any], str | None]:
+    """(`paired_bootstrap(a, b)` on each split both rows have, on the resamples of a's record; the first error as
+    "split: message", or None). An error stops at that split."""
     from bench.evaluation.metrics import paired_bootstrap
 
-    mine = {r.split: r for r in other.records}
-    pairs = [(r, mine[r.split]) for r in best.records if r.split in mine]
-    if not pairs:
-        return Comparison(None, None, 0, "no split in common with the best row")
+    theirs = {r.split: r for r in b_row.records}
     results = []
-    for a, b in pairs:
+    for a in a_row.records:
+        if a.split not in theirs:
+            continue
         ci = a.metrics[primary]
         try:
-            results.append(paired_bootstrap(a.task(), a.predictions(), b.predictions(), primary,
+            results.append(paired_bootstrap(a.task(), a.predictions(), theirs[a.split].predictions(), primary,
                                             n_resamples=int(ci["n_resamples"]), seed=int(ci["seed"]),
                                             confidence=float(ci.get("confidence", 0.95))))
         except (DataError, MissingFileError) as exc:
-            return Comparison(None, None, len(pairs), f"{a.split}: {exc}")
-    return Comparison(max(r.p_value for r in results), all(r.significant for r in results), len(pairs))
+            return results, f"{a.split}: {exc}"
+    return results, None
+
+
+def compare(best: MethodRow, other: MethodRow, primary: str) -> Comparison:
+    """`paired_bootstrap(best, other)` on each common split (resamples of the best record)."""
+    n_common = len({r.split for r in best.records} & {r.split for r in other.records})
+    if not n_common:
+        return Comparison(None, None, 0, "no split in common with the best row")
+    results, error = paired_results(best, other, primary)
+    if error is not None:
+        return Comparison(None, None, n_common, error)
+    return Comparison(max(r.p_value for r in results), all(r.significant for r in results), n_common)
 
 
 # ----------------------------------------------------------------------------- what is left out of a table
@@ -661,8 +672,6 @@ def planted_lines(rows: Sequence[MethodRow], expected: Sequence[Mapping[str, Any
     the knob should do}. Recovered = the paired bootstrap interval of better - than on the primary metric lies
     above 0 on every common split (the same test as the `vs best` column, one-sided in the expected direction).
     """
-    from bench.evaluation.metrics import paired_bootstrap
-
     by_method = {row.method: row for row in rows}
     label = METRIC_LABELS.get(primary, primary)
     lines = []
@@ -674,33 +683,20 @@ def planted_lines(rows: Sequence[MethodRow], expected: Sequence[Mapping[str, Any
             missing = " and ".join(f"`{m}`" for m, row in ((e["better"], a), (e["than"], b)) if row is None)
             lines += [head + f"Not checked: no finished run of {missing}.", ""]
             continue
-        theirs = {r.split: r for r in b.records}
-        results = []
-        for ra in a.records:
-            if ra.split not in theirs:
-                continue
-            ci = ra.metrics[primary]
-            try:
-                results.append(paired_bootstrap(ra.task(), ra.predictions(), theirs[ra.split].predictions(), primary,
-                                                n_resamples=int(ci["n_resamples"]), seed=int(ci["seed"]),
-                                                confidence=float(ci.get("confidence", 0.95))))
-            except (DataError, MissingFileError) as exc:
-                lines += [head + f"Not checked: {_one_line(str(exc))}", ""]
-                break
+        results, error = paired_results(a, b, primary)
+        if error is not None or not results:
+            lines += [head + f"Not checked: {_one_line(error or 'the two methods share no split.')}", ""]
+            continue
+        r = results[0]
+        found = (f"Found: {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}], paired bootstrap {_fmt_p(r.p_value)}"
+                 + (f" (first of {len(results)} splits)" if len(results) > 1 else ""))
+        if all(x.low > 0 for x in results):
+            verdict = "**recovered**: the interval lies above 0."
+        elif any(x.high < 0 for x in results):
+            verdict = "**reversed**: the interval lies below 0 on a split."
         else:
-            if not results:
-                lines += [head + "Not checked: the two methods share no split.", ""]
-                continue
-            r = results[0]
-            found = (f"Found: {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}], paired bootstrap {_fmt_p(r.p_value)}"
-                     + (f" (first of {len(results)} splits)" if len(results) > 1 else ""))
-            if all(x.low > 0 for x in results):
-                verdict = "**recovered**: the interval lies above 0."
-            elif any(x.high < 0 for x in results):
-                verdict = "**reversed**: the interval lies below 0 on a split."
-            else:
-                verdict = "**not recovered**: the interval contains 0 (no significant difference)."
-            lines += [head + found + " — " + verdict, ""]
+            verdict = "**not recovered**: the interval contains 0 (no significant difference)."
+        lines += [head + found + " — " + verdict, ""]
     return lines
 
 
