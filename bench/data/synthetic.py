@@ -51,6 +51,10 @@ _STROMA = np.array([234.0, 168.0, 204.0])
 _HEMATOXYLIN = np.array([72.0, 40.0, 128.0])
 
 
+class CohortSettingsError(ConfigError):
+    """A cohort folder holds a synthetic cohort made with other generator settings."""
+
+
 # (knob, low, high, low end included?): the ranges `SyntheticSpec` accepts
 KNOBS = (("witness_rate", 0.0, 0.9, False), ("lesion_contrast", 0.0, 1.0, True), ("label_noise", 0.0, 0.45, True),
          ("hazard_strength", 0.0, 10.0, True))
@@ -592,7 +596,7 @@ def make_cohort(spec: SyntheticSpec, out_dir: str | Path, *, workers: int = 1) -
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if old.get("generator") != settings:
-            raise ConfigError(
+            raise CohortSettingsError(
                 f"{out_dir} holds a synthetic cohort made with other settings ({old.get('generator')}); "
                 "choose another --out folder or delete this one"
             )

@@ -143,7 +143,7 @@ def _is_synthetic(folder: Path) -> bool:
 
 def make_synthetic(ds: DatasetSpec, folder: Path) -> Path:
     """Write (or reuse) the synthetic cohort of a dataset from its `synthetic` table."""
-    from bench.data.synthetic import SyntheticSpec, make_cohort
+    from bench.data.synthetic import CohortSettingsError, SyntheticSpec, make_cohort
 
     settings = dict(thaw(ds.synthetic))
     settings.setdefault("kind", SYNTHETIC_KIND[ds.task])
@@ -152,9 +152,7 @@ def make_synthetic(ds: DatasetSpec, folder: Path) -> Path:
     spec = SyntheticSpec(**settings)
     try:
         return make_cohort(spec, folder)
-    except ConfigError as exc:
-        if "other settings" not in str(exc):
-            raise
+    except CohortSettingsError as exc:
         # the harness never deletes a cohort folder, even one it wrote: the user decides
         raise ConfigError(f"{folder} holds a synthetic cohort written with other settings than dataset {ds.name!r} "
                           "now asks for (an earlier version of the suite's [demo] table?); tiles, features and "
