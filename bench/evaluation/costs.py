@@ -61,6 +61,7 @@ class StageTimer:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.notes: dict[str, list[str]] = {}  # stage -> what it ran with (shown in the stage table)
 
     def _sync(self) -> None:
         if _is_cuda(self.device):
@@ -79,6 +80,12 @@ class StageTimer:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.calls[name] = self.calls.get(name, 0) + 1
+
+    def note(self, name: str, text: str) -> None:
+        """Remember what stage `name` ran with (e.g. the extraction settings); each distinct text once."""
+        texts = self.notes.setdefault(name, [])
+        if text not in texts:
+            texts.append(text)
 
     def total(self, *names: str) -> float:
         """Seconds of the named stages (all stages when none is named)."""

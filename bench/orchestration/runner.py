@@ -91,6 +91,7 @@ class RunOutcome:
 class SuiteReport:
     outcomes: list[RunOutcome] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_notes: dict[str, list[str]] = field(default_factory=dict)  # stage -> settings it ran with
     leaderboard: Path | None = None
     skipped_slides: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -298,6 +299,8 @@ def extract_features(prep: PreparedDataset, method: MethodSpec, options: RunOpti
                                         magnification=tiling[0], patch_size=tiling[1])
                 for sid, why in report.skipped:
                     warn(f"[{ds.name}] features of {sid} skipped: {why}")
+                if report.settings is not None:
+                    timer.note("extract", f"{method.encoder}: {report.settings.describe()}")
         files = list_features(out_dir)
         have = {s for s in files if s in prep.tiled[tiling]}
         info(f"[{ds.name}] features {method.encoder} ({source.weights_id}): {len(have)} slides in {out_dir}")
@@ -672,6 +675,7 @@ def run_suite(suite: Suite, options: RunOptions) -> SuiteReport:
         report.leaderboard = draw_leaderboard(suite, options, [o.run_dir for o in report.outcomes
                                                                if o.status in ("ok", "cached")], timer)
     report.stage_seconds = timer.to_dict()
+    report.stage_notes = {k: list(v) for k, v in timer.notes.items()}
     _write_stage_times(Path(options.workdir), suite.name, report)
     return report
 
@@ -704,6 +708,7 @@ def _write_stage_times(workdir: Path, suite: str, report: SuiteReport) -> None:
     write_json_atomic(path, {
         "finished": _now(),
         "stage_seconds": {k: round(v, 3) for k, v in report.stage_seconds.items()},
+        "stage_settings": report.stage_notes,
         "runs": [{"dataset": o.dataset, "method": o.method, "split": o.split, "status": o.status,
                   "error": o.error} for o in report.outcomes],
     })
@@ -720,8 +725,13 @@ def stage_table(report: SuiteReport) -> str:
     from tabulate import tabulate
 
     total = sum(report.stage_seconds.values())
-    rows = [[k, f"{v:.1f}"] for k, v in report.stage_seconds.items()] + [["total", f"{total:.1f}"]]
-    return tabulate(rows, headers=["stage", "seconds"], tablefmt="github")
+    notes = report.stage_notes
+    if not any(notes.values()):
+        rows = [[k, f"{v:.1f}"] for k, v in report.stage_seconds.items()] + [["total", f"{total:.1f}"]]
+        return tabulate(rows, headers=["stage", "seconds"], tablefmt="github")
+    rows = [[k, f"{v:.1f}", "; ".join(notes.get(k, []))] for k, v in report.stage_seconds.items()]
+    return tabulate(rows + [["total", f"{total:.1f}", ""]], headers=["stage", "seconds", "settings"],
+                    tablefmt="github")
 
 
 __all__ = ["RunOptions", "SuiteReport", "RunOutcome", "PreparedDataset", "FoldJob", "prepare_fold", "run_suite",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.orchestration.runner import RunOptions, run_suite
+from bench.orchestration.runner import RunOptions, run_suite, stage_table
 from bench.orchestration.suite import load_suite
 
 TINY = """
@@ -108,9 +108,19 @@ def test_suite_runs_end_to_end_then_reuses_everything(tiny):
     assert "Unreadable" not in board and "Not ranked" not in board and "Failed runs" not in board
     assert str(root) not in board  # committed leaderboards carry no machine-specific paths
 
+    # the stage table says what the extraction ran with (extract_workers=0: read in the main process)
+    (note,) = report.stage_notes["extract"]
+    assert re.fullmatch(r"resnet18-trunc: batch \d+, 0 reading worker\(s\) \(as asked\), \d+ encoder thread\(s\), cpu",
+                        note), note
+    table = stage_table(report)
+    assert re.search(r"\| extract +\| +[\d.]+ \| resnet18-trunc: batch \d+, 0 reading worker", table), table
+    last = json.loads((root / "work" / "runs" / "tiny" / "last-run.json").read_text())
+    assert last["stage_settings"]["extract"] == report.stage_notes["extract"]
+
     again = run_suite(suite, _options(root))
     assert {o.status for o in again.outcomes} == {"cached"}
     assert again.stage_seconds.get("train two-stage", 0) == 0
+    assert "extract" not in again.stage_notes  # nothing extracted, nothing to report
 
 
 def test_a_finished_run_keeps_its_weights_but_not_its_resume_checkpoint(tiny):
