@@ -164,7 +164,7 @@ def main() -> None:
                 shown = threads if threads is not None else cores
                 label = f"auto={auto.num_workers}" if n_workers is None else str(n_workers)
                 print(f"{name:<16}{label:>8}{shown:>14}{n / pipe_s:>14.1f}{n / bare_s:>10.1f}"
-                      f"{bare_s / pipe_s:>8.2f}")
+                      f"{bare_s / pipe_s:>8.3f}")
             if cuda:
                 print(f"{'':<16}seconds per slide of 10,000 patches at the pipeline's rate: "
                       f"{10_000 * pipe_s / n:.1f} s ({precision}, batch {batch}, {workers} workers)")
