@@ -97,20 +97,22 @@ class CLAMSB(MILAggregator):
     def instance_loss(
         self, h: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor
     ) -> torch.Tensor:
-        """CLAM's clustering loss, averaged over the bags of the batch. h: (B, N, L); attention: (B, N)."""
+        """CLAM's clustering loss, averaged over the bags of the batch. h: (B, N, L); attention: (B, N), or
+        (B, C, N) per class (CLAM-MB: class c samples its top/bottom k by its own branch's attention)."""
         losses = []
         for b in range(h.shape[0]):
             valid = slice(None) if mask is None else mask[b]
-            hb, ab = h[b][valid], attention[b][valid]  # (n, L), (n,)
+            hb = h[b][valid]  # (n, L)
             k = min(self.k_sample, hb.shape[0] // 2)
             if k == 0:
                 continue
-            top = torch.topk(ab, k).indices  # (k,)
-            bottom = torch.topk(-ab, k).indices  # (k,)
             true_class = int(label[b])
             bag_loss = h.new_zeros(())
             for c, inst_classifier in enumerate(self.instance_classifiers):
+                ab = (attention[b] if attention.dim() == 2 else attention[b, c])[valid]  # (n,)
+                top = torch.topk(ab, k).indices  # (k,)
                 if c == true_class:
+                    bottom = torch.topk(-ab, k).indices  # (k,)
                     inst = torch.cat([hb[top], hb[bottom]])  # (2k, L)
                     target = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(h.device)  # (2k,)
                 elif self.subtyping:

@@ -47,39 +47,8 @@ class CLAMMB(CLAMSB):
         logits = torch.cat([clf(z[:, c]) for c, clf in enumerate(self.bag_classifiers)], dim=1)  # (B, C)
         aux = None
         if self.training and label is not None:
-            aux = self.instance_loss_per_branch(h, attention, mask, label)
+            aux = self.instance_loss(h, attention, mask, label)  # per-branch sampling
         return MILOutput(logits=logits, attention=attention.mean(dim=1), head_attention=attention, aux_loss=aux)
-
-    def instance_loss_per_branch(self, h: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor | None,
-                                 label: torch.Tensor) -> torch.Tensor:
-        """CLAM's clustering loss where class c samples by its own branch's attention (B, C, N)."""
-        losses = []
-        for b in range(h.shape[0]):
-            valid = slice(None) if mask is None else mask[b]
-            hb = h[b][valid]  # (n, L)
-            k = min(self.k_sample, hb.shape[0] // 2)
-            if k == 0:
-                continue
-            true_class = int(label[b])
-            bag_loss = h.new_zeros(())
-            for c, inst_classifier in enumerate(self.instance_classifiers):
-                ab = attention[b, c][valid]  # (n,)
-                top = torch.topk(ab, k).indices
-                if c == true_class:
-                    bottom = torch.topk(-ab, k).indices
-                    inst = torch.cat([hb[top], hb[bottom]])  # (2k, L)
-                    target = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(h.device)
-                elif self.subtyping:
-                    inst, target = hb[top], torch.zeros(k, dtype=torch.long, device=h.device)
-                else:
-                    continue
-                bag_loss = bag_loss + self._loss(inst_classifier(inst), target)
-            if self.subtyping:
-                bag_loss = bag_loss / len(self.instance_classifiers)
-            losses.append(bag_loss)
-        if not losses:
-            return h.new_zeros(())
-        return torch.stack(losses).mean()
 
 
 __all__ = ["CLAMMB"]
