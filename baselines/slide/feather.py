@@ -90,7 +90,7 @@ class Feather(SlideEncoder):
         self._attention: torch.Tensor | None = None
         # MIL-Lab's MIL.initialize_weights: Kaiming-uniform (ReLU gain) weights, zero biases
         for m in self.modules():
-            if isinstance(m, nn.Linear) and m.weight.device.type != "meta":
+            if isinstance(m, nn.Linear):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 

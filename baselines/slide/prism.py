@@ -33,7 +33,8 @@ a shared tensor); aliases given twice must be equal.
 
 Left out: the BioGPT text decoder, the contrastive projections (`img_to_latents`, `text_to_latents`)
 and `temperature`; they do not enter `image_embedding`, and their checkpoint keys are dropped on
-load. `image_latents` (`img_norm` of latents 1..512) is kept as `forward_latents` for completeness.
+load. `image_latents` (`img_norm` of latents 1..512) is kept as `forward_latents` for completeness, and
+`attention()` gives the image-embedding latent's last cross-attention over the tiles (for heatmaps).
 
 Departures: plain `F.scaled_dot_product_attention` (the authors force its math kernel, or use
 xformers' memory-efficient attention behind PERCEIVER_MEM_EFF_ATTN; the same function). The
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.mil.base import masked_softmax
 from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
@@ -85,14 +87,22 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, query_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None,
+                record: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Updated queries (B, M, query_dim), and with `record` the first query's attention over the
+        tiles, averaged over heads (B, N); else None."""
         b, m, _ = x.shape
         n = context.shape[1]
         q = self.to_q(self.x_norm(x)).view(b, m, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.to_kv(context).view(b, n, 2, self.heads, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, head_dim)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N) bool, True = attend
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-        return self.to_out(out.transpose(1, 2).reshape(b, m, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        weights = None
+        if record:  # one extra (1 x N) score row per head: the image-embedding latent's weights
+            scores = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.head_dim ** -0.5  # (B, heads, N)
+            weights = masked_softmax(scores, None if mask is None else mask[:, None, :]).mean(dim=1)
+        return self.to_out(out.transpose(1, 2).reshape(b, m, -1)), weights
 
 
 class GEGLU(nn.Module):
@@ -152,17 +162,23 @@ class Perceiver(nn.Module):
             layers.append(nn.ModuleDict({"xattn": xattn, "tf": tf}))
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final latents (B, latent_seq, latent_dim) and the first latent's last cross-attention (B, N)."""
         x = self.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        weights = None
+        for i, layer in enumerate(self.layers):
             # the authors reuse the previous layer's keys/values where W_kv is shared; recomputing
             # them from the unchanged context gives the same values
-            x = layer["xattn"]["xattn"](x, context, mask) + x
+            out, w = layer["xattn"]["xattn"](x, context, mask, record=i == last)
+            weights = w if w is not None else weights
+            x = out + x
             x = layer["xattn"]["ff"](x) + x
             for block in layer["tf"]:
                 x = block["mhsa"](x) + x
                 x = block["ff"](x) + x
-        return x
+        assert weights is not None
+        return x, weights
 
 
 class Prism(SlideEncoder):
@@ -186,14 +202,23 @@ class Prism(SlideEncoder):
         self.perceiver = Perceiver(latent_seq + 1, latent_dim, in_dim, mhsa_heads, perceiver_depth,
                                    transformer_depth, share_xattn_start_layer, share_tf_start_layer,
                                    xattn_heads, mlp_mult)
+        self._attention: torch.Tensor | None = None
 
     def forward_latents(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The authors' `slide_representations`: image_embedding (B, D) and image_latents (B, latent_seq, D)."""
-        out = self.perceiver(x, mask)
+        out, weights = self.perceiver(x, mask)
+        self._attention = weights.detach()
         return {"image_embedding": self.cls_norm(out[:, 0]), "image_latents": self.img_norm(out[:, 1:])}
 
     def encode(self, x: torch.Tensor, coords: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.cls_norm(self.perceiver(x, mask)[:, 0])
+        out, weights = self.perceiver(x, mask)
+        self._attention = weights.detach()
+        return self.cls_norm(out[:, 0])
+
+    def attention(self) -> torch.Tensor | None:
+        """(B, N): the image-embedding latent's cross-attention over the tiles in the last layer (mean of
+        heads; one head in the published config). Not a quantity the authors return; for heatmaps."""
+        return self._attention
 
     def key_map(self) -> Mapping[str, str]:
         return {"image_resampler.": ""}

@@ -66,7 +66,7 @@ def test_permutation_invariant(name):
         torch.testing.assert_close(enc(x[:, perm]), enc(x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ("feather", "chief"))
+@pytest.mark.parametrize("name", ("feather", "chief", "prism"))
 def test_attention_is_a_distribution_zero_at_padding(name):
     enc = _tiny(name)
     mask = torch.tensor([[True] * 5 + [False] * 2])
@@ -138,6 +138,7 @@ def test_prism_matches_a_written_out_perceiver_with_cached_keys():
         if i <= 1:
             kv = (ctx @ p[xa + "xattn.to_kv.weight"].T).chunk(2, dim=-1)
         x = _softmax_attention(q, *kv) @ p[xa + "xattn.to_out.weight"].T + x  # one cross-attention head
+        cls_weights = torch.softmax(q[0] @ kv[0].T / math.sqrt(q.shape[-1]), dim=0)  # latent 0 over the tiles
         x = _ff(x, p, xa + "ff.") + x
         for j in range(tf_depth):
             tf = f"perceiver.layers.0.tf.{j}."
@@ -153,6 +154,7 @@ def test_prism_matches_a_written_out_perceiver_with_cached_keys():
         latents = enc.forward_latents(ctx[None])
     torch.testing.assert_close(latents["image_latents"][0], _ln(x[1:], p, "img_norm."), rtol=0, atol=1e-10)
     assert latents["image_latents"].shape == (1, 3, 8)
+    torch.testing.assert_close(enc.attention()[0], cls_weights, rtol=0, atol=1e-10)  # the last layer's
 
 
 # ---- loading the authors' checkpoints ---------------------------------------------------------------
