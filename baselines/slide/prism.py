@@ -36,9 +36,9 @@ and `temperature`; they do not enter `image_embedding`, and their checkpoint key
 load. `image_latents` (`img_norm` of latents 1..512) is kept as `forward_latents` for completeness, and
 `attention()` gives the image-embedding latent's last cross-attention over the tiles (for heatmaps).
 
-Departures: plain `F.scaled_dot_product_attention` (the authors force its math kernel, or use
-xformers' memory-efficient attention behind PERCEIVER_MEM_EFF_ATTN; the same function). The
-mask here is boolean (True = valid) and padded tiles get zero weight. The authors' docstring
+Departures: plain `F.scaled_dot_product_attention` with whichever kernel torch picks (the authors
+force its math kernel, or use xformers' memory-efficient attention behind PERCEIVER_MEM_EFF_ATTN;
+all compute the same softmax attention). The mask here is boolean (True = valid) and padded tiles get zero weight. The authors' docstring
 suggests a float 0/1 `tile_mask`; `scaled_dot_product_attention` adds a float mask to the scores
 instead of masking, so with that mask padded tiles would still be attended (weight e^-1 relative to
 valid ones); this module does not reproduce that. `mask=None` means every tile is valid for any
