@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_missing_slides:
         suite = suite.allowing_missing_slides()
     if args.list:
-        _print_listing(suite)
+        _print_listing(suite, tuple(args.seeds) if args.seeds else None)
         return 0
     if args.executor is not None:
         return run_executor(args)
@@ -152,12 +152,36 @@ def command_line() -> str:
     return "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _print_listing(suite) -> None:
+def _print_listing(suite, seeds: tuple[int, ...] | None = None) -> None:
     from tabulate import tabulate
 
+    seeds = seeds or suite.seeds
     print(f"suite {suite.name} ({'synthetic demo' if suite.demo else 'real data'}): {suite.description}")
-    print(tabulate([[d.name, d.task, d.data, d.split.get("protocol", "holdout")] for d in suite.datasets],
-                   headers=["dataset", "task", "data folder", "split"], tablefmt="github"))
+    _, folds = grid_size(suite, seeds)
+    rows = [[d.name, d.task, d.data, d.split.get("protocol", "holdout"), f]
+            for d, f in zip(suite.datasets, folds)]
+    print(tabulate(rows, headers=["dataset", "task", "data folder", "split", "folds"], tablefmt="github"))
     print()
     print(tabulate([[m.name, m.paradigm, m.encoder, m.aggregator, ", ".join(m.search) or "-"] for m in suite.methods],
                    headers=["method", "paradigm", "encoder", "aggregator", "search space"], tablefmt="github"))
+    print()
+    print(grid_line(suite, seeds))
+
+
+def grid_size(suite, seeds: tuple[int, ...]) -> tuple[int, list[int]]:
+    """Runs `bench run` would do for `suite` (already selected) with `seeds`, and each dataset's fold count.
+
+    Same loops as bench.orchestration.runner.run_suite: every method x seed x fold of every dataset, the folds
+    being the dataset's `folds` list or all folds of its split protocol."""
+    folds = [len(d.folds) if d.folds else d.split_spec().n_folds for d in suite.datasets]
+    return len(suite.methods) * len(seeds) * sum(folds), folds
+
+
+def grid_line(suite, seeds: tuple[int, ...]) -> str:
+    """One line: datasets x methods x seeds x folds = N runs (folds summed over datasets where they differ)."""
+    total, folds = grid_size(suite, seeds)
+    head = f"{len(suite.methods)} methods x {len(seeds)} seeds"
+    if len(set(folds)) <= 1:
+        return (f"grid: {len(suite.datasets)} datasets x {head} x {folds[0] if folds else 0} folds = {total} runs")
+    per = " + ".join(f"{d.name} {f}" for d, f in zip(suite.datasets, folds))
+    return f"grid: {head} x ({per}) dataset folds = {total} runs"
