@@ -56,7 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("avg", "cls", "mean", "cls+mean", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("bilinear", "bicubic")
-WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub")
+WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub", "custom")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 _HUB_ID = re.compile(r"^hf[-_]hub:([A-Za-z0-9][\w.-]*/[\w.-]+)$")
@@ -102,7 +102,9 @@ class EncoderSpec:
         licence: the weights' licence (gated ones also need the terms accepted on the model page).
         source_note: which facts were looked up where.
         weights_format: "timm" (loadable here); "transformers" or "torch-hub" when the published
-            checkpoint is not a timm state dict (only the architecture is registered, no converter yet).
+            checkpoint is not a timm state dict (only the architecture is registered, no converter yet);
+            "custom": the authors' own module's state dict, whose keys are not checked against the
+            architecture built here (`HARNESS_ARCHS`), so it is not loaded either.
         hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`).
     """
 
@@ -332,6 +334,9 @@ class EncoderSpec:
                         "file or with random init, add architecture (and architecture_kwargs) to its config, "
                         "or pass the snapshot folder (config.json + weights) instead of the weights file"
                     )
+                if arch in HARNESS_ARCHS:  # not a timm model: built here from timm parts
+                    arch_kwargs = _resolve_layers(self.architecture_kwargs)
+                    return HARNESS_ARCHS[arch](**arch_kwargs), ()
                 if not timm.is_model(arch.split(".", 1)[0]):
                     close = difflib.get_close_matches(arch, timm.list_models(), n=3)
                     raise ConfigError(f"encoder {self.name!r}: timm has no model {arch!r}"
@@ -368,6 +373,106 @@ def _truncate(model: torch.nn.Module, after: str | None, name: str) -> tuple[str
     for stage in removed:
         setattr(model, stage, torch.nn.Identity())
     return removed
+
+
+# ------------------------------------------------------------------------------ architectures outside timm
+
+
+class _AttentionalPooler(torch.nn.Module):
+    """Learned queries cross-attending to a token sequence (CONCH's `attn_pool_contrast`).
+
+    forward (B, T, context_dim) -> (B, n_queries, d_model). LayerNorm on the tokens and on the queries,
+    bias-free projections, `n_head` heads; parameter names follow the published checkpoint's keys
+    (query, ln_k, ln_q, to_q, to_kv, to_out) as listed in TRIDENT's conchv1_5.py.
+    """
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1) -> None:
+        super().__init__()
+        self.heads = n_head
+        self.query = torch.nn.Parameter(torch.randn(n_queries, d_model))
+        self.ln_k = torch.nn.LayerNorm(context_dim)
+        self.ln_q = torch.nn.LayerNorm(d_model)
+        self.to_q = torch.nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = torch.nn.Linear(context_dim, 2 * d_model, bias=False)
+        self.to_out = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        q = self.to_q(self.ln_q(self.query)).expand(b, -1, -1)  # (B, Q, D)
+        k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)  # (B, T, D) each
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, D / H)
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # softmax(qk^T/sqrt d) v
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class ConchV15Vision(torch.nn.Module):
+    """CONCH v1.5's vision tower: ViT-L/16 trunk (all tokens after the final norm) -> one-query
+    attentional pooler (1024 -> 768, 8 heads) -> LayerNorm(768); forward (B, 3, S, S) -> (B, 768).
+
+    Facts from TRIDENT's patch_encoder_models/model_zoo/conchv1_5/conchv1_5.py (CONCHVisionTower:
+    vit_large with init_values 1.0, qkv bias, built at 224 with position embeddings interpolated to the
+    input, fed 448 px). The trunk here is timm's vit_large_patch16_224 with dynamic_img_size, whose
+    position-embedding interpolation may differ numerically from the iBOT code's.
+    """
+
+    def __init__(self, img_size: int = 224, d_model: int = 768, n_head: int = 8) -> None:
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
+                                       init_values=1.0, dynamic_img_size=True)
+        width = int(self.trunk.embed_dim)
+        self.attn_pool_contrast = _AttentionalPooler(d_model, width, n_head=n_head, n_queries=1)
+        self.ln_contrast = torch.nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+class _ConvStem(torch.nn.Module):
+    """CTransPath's patch embedding: two stride-2 3x3 conv + BN + ReLU stages (embed/8, embed/4 channels),
+    then a 1x1 conv to `embed_dim`; a 4x4-patch replacement for Swin's patch projection, returning NHWC
+    as timm's SwinTransformer expects. Sequential indices match the published keys (patch_embed.proj.N)."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Any = None, **_: Any) -> None:
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        if patch != (4, 4) or embed_dim % 8:
+            raise ConfigError(f"CTransPath's conv stem needs patch_size 4 and embed_dim divisible by 8, "
+                              f"got {patch} and {embed_dim}")
+        self.img_size, self.patch_size = size, patch
+        self.grid_size = (size[0] // 4, size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[torch.nn.Module] = []
+        c_in, c_out = in_chans, embed_dim // 8
+        for _stage in range(2):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(c_out),
+                       torch.nn.ReLU(inplace=True)]
+            c_in, c_out = c_out, c_out * 2
+        layers.append(torch.nn.Conv2d(c_in, embed_dim, 1))
+        self.proj = torch.nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, C, h, w) -> (B, h, w, C)
+
+
+def _ctranspath(img_size: int = 224) -> torch.nn.Module:
+    """Swin-T/4 window 7 with the conv stem (TRIDENT model_zoo/ctranspath/ctran.py builds timm_ctp's
+    swin_tiny_patch4_window7_224 with embed_layer=ConvStem and an identity head): (B, 3, 224, 224) -> (B, 768)."""
+    import timm
+
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size,
+                             embed_layer=_ConvStem)
+
+
+# architectures built here (name -> builder(**architecture_kwargs) returning a module whose forward gives (B, D))
+HARNESS_ARCHS: dict[str, Any] = {"harness:conch-v15-vision": ConchV15Vision, "harness:ctranspath": _ctranspath}
 
 
 # ------------------------------------------------------------------------------ modules
@@ -619,5 +724,5 @@ __all__ = [
     "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
     "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
     "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT", "WEIGHTS_FORMATS",
-    "REGISTRY_FILE", "load_registry_file", "check_on_meta",
+    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "ConchV15Vision",
 ]

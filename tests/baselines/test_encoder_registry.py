@@ -43,7 +43,8 @@ def test_registry_has_the_issues_encoders_each_with_its_facts_and_source():
     assert len(names) >= 24
     for required in ("uni", "uni2-h", "virchow", "virchow2", "gigapath", "h-optimus-0", "h-optimus-1", "h0-mini",
                      "phikon", "phikon-v2", "hibou-b", "hibou-l", "midnight-12k", "gpfm", "kaiko-vits16",
-                     "kaiko-vitb8", "kaiko-vitl14", "lunit-vits8", "resnet50-trunc", "resnet18-trunc"):
+                     "kaiko-vitb8", "kaiko-vitl14", "lunit-vits8", "resnet50-trunc", "resnet18-trunc", "conch-v15",
+                     "ctranspath"):
         assert required in names, required
     for name, spec in ENCODERS.items():
         assert spec.reference and spec.source_note and spec.licence and spec.magnification, name
@@ -96,7 +97,7 @@ def test_an_input_size_the_architecture_cannot_take_is_named(tmp_path):
 @pytest.mark.parametrize("body,pattern", [
     ('mean = [0.5, 0.5]', r"encoders.toml: encoder 'bad': mean must be 3 finite numbers"),
     ('pooling = "max"', r"encoder 'bad': pooling must be one of"),
-    ('weights_format = "onnx"', r"encoder 'bad': weights_format must be one of timm, transformers, torch-hub"),
+    ('weights_format = "onnx"', r"encoder 'bad': weights_format must be one of timm, transformers, torch-hub, custom"),
     ('embdim = 3', r"encoder 'bad' has unknown keys 'embdim'"),
     ('licence = 3', r"encoder 'bad' key 'licence' must be a str"),
 ])
@@ -116,6 +117,52 @@ def test_transformers_checkpoints_say_they_cannot_load_yet_but_random_init_build
                                           r"checkpoint.*Licence: other"):
         get_encoder("phikon").resolve_weights()
     assert get_encoder("phikon").resolve_weights(random_init=True).kind == "random-init"
+
+
+def test_attentional_pooler_is_one_query_softmax_attention_written_out():
+    """CONCH v1.5's pooler against the formula: LN'd query and tokens, per-head softmax(q k^T / sqrt(d_h)) v."""
+    from baselines.encoders import _AttentionalPooler
+
+    torch.manual_seed(0)
+    pool = _AttentionalPooler(d_model=8, context_dim=12, n_head=2, n_queries=1).double()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    q = pool.to_q(pool.ln_q(pool.query))  # (1, 8)
+    k, v = pool.to_kv(pool.ln_k(x)).chunk(2, dim=-1)  # (3, 5, 8)
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        att = torch.softmax(torch.einsum("qd,btd->bqt", q[:, sl], k[..., sl]) / 2.0, dim=-1)  # sqrt(4) = 2
+        heads.append(torch.einsum("bqt,btd->bqd", att, v[..., sl]))
+    expected = pool.to_out(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(pool(x), expected, rtol=0, atol=1e-12)
+    # permuting the tokens leaves the pooled embedding unchanged
+    torch.testing.assert_close(pool(x[:, torch.randperm(5)]), expected, rtol=0, atol=1e-12)
+
+
+def test_architectures_built_here_name_the_published_keys_and_refuse_the_unconverted_checkpoint():
+    conch, ctp = get_encoder("conch-v15"), get_encoder("ctranspath")
+    assert (conch.embed_dim, conch.input_size, ctp.embed_dim, ctp.input_size) == (768, 448, 768, 224)
+    with torch.device("meta"):
+        tower, _ = conch._backbone(random_source(), 0, None)
+        swin, _ = ctp._backbone(random_source(), 0, None)
+    keys = set(tower.state_dict())
+    assert {"trunk.pos_embed", "trunk.blocks.23.ls1.gamma", "attn_pool_contrast.query", "attn_pool_contrast.to_kv.weight",
+            "ln_contrast.weight"} <= keys
+    assert tower.attn_pool_contrast.to_kv.weight.shape == (2 * 768, 1024)  # context 1024 (ViT-L) -> 768
+    # the conv stem: 2 x (3x3 stride-2 conv, BN, ReLU) at 12 and 24 channels, then a 1x1 conv to 96
+    stem = {k: tuple(v.shape) for k, v in swin.patch_embed.state_dict().items() if k.endswith("weight")}
+    assert stem == {"proj.0.weight": (12, 3, 3, 3), "proj.1.weight": (12,), "proj.3.weight": (24, 12, 3, 3),
+                    "proj.4.weight": (24,), "proj.6.weight": (96, 24, 1, 1), "norm.weight": (96,)}
+    for spec in (conch, ctp):
+        with pytest.raises(ConfigError, match=rf"'{spec.name}': its published weights .* are a custom checkpoint"):
+            spec.resolve_weights()
+
+
+def test_ctranspath_random_init_runs_on_cpu_and_gives_768_d():
+    enc = build_encoder("ctranspath", random_init=True)
+    with torch.no_grad():
+        out = enc.model(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 768) and torch.isfinite(out).all()
 
 
 def hub_file_cache(tmp_path, monkeypatch, repo: str, filename: str, state: dict) -> None:
@@ -166,7 +213,7 @@ def test_slide_encoders_declare_their_patch_encoder_and_refuse_others():
     with pytest.raises(ConfigError, match=r"slide encoder 'prism' cannot take features of patch encoder 'uni' "
                                           r"\(1024-d\): it was trained on 'virchow' features \(2560-d at 20x"):
         check_pairing("prism", "uni")
-    with pytest.raises(ConfigError, match=r"'chief' .* trained on 'ctranspath' \(not registered in this harness\)"):
+    with pytest.raises(ConfigError, match=r"'chief' .* trained on 'ctranspath' features \(768-d.*use two-stage/ctranspath/chief"):
         check_pairing("chief", "resnet50-trunc")
     with pytest.raises(ConfigError, match=r"'titan' .* does not run in this harness yet: it needs remote code"):
         require_runnable("titan")
