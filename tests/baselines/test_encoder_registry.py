@@ -210,6 +210,7 @@ def test_slide_encoders_declare_their_patch_encoder_and_refuse_others():
         if spec.patch_encoder in ENCODERS.names():
             assert ENCODERS.get(spec.patch_encoder).embed_dim == spec.patch_dim, name
     assert check_pairing("gigapath-slide", "gigapath").embed_dim == 768
+    assert check_pairing("titan", "conch-v15").name == "titan"  # TITAN and FEATHER read the registered CONCH v1.5
     with pytest.raises(ConfigError, match=r"slide encoder 'prism' cannot take features of patch encoder 'uni' "
                                           r"\(1024-d\): it was trained on 'virchow' features \(2560-d at 20x"):
         check_pairing("prism", "uni")
