@@ -80,7 +80,7 @@ class RunOutcome:
     dataset: str
     method: str
     split: str
-    status: str  # "ok", "failed", "cached"
+    status: str  # "ok", "failed", "cached", "skipped" (an optional extra this machine cannot run)
     run_dir: Path
     primary: str | None = None
     error: str | None = None
@@ -551,6 +551,8 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     except (KeyboardInterrupt, WriteError, LeaseLost):
         raise  # a full or read-only disk is not the method's failure: the stage ends, finished runs stay
     except Exception as exc:  # noqa: BLE001 - a failing method is recorded as failed and the suite goes on
+        if getattr(exc, "skip_run", False):  # an optional extra this machine cannot run (2dmamba's CUDA kernel)
+            return _record_skipped(ds.name, method, tag, run_dir, f"{type(exc).__name__}: {exc}", guard)
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         if getattr(exc, "epoch", None) is not None:
             extra["failed_epoch"] = exc.epoch  # type: ignore[attr-defined]
@@ -582,6 +584,25 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     if primary:
         info(f"[{ds.name}] {method.name} {tag}: {primary}")
     return RunOutcome(ds.name, method.name, tag, status, run_dir, primary, error, record.path)
+
+
+SKIPPED_RECORD = "run-skipped.json"
+
+
+def _record_skipped(dataset: str, method: MethodSpec, tag: str, run_dir: Path, reason: str,
+                    guard: Callable[[], None] | None) -> RunOutcome:
+    """A method this machine cannot run (e.g. a GPU-only extra without its kernel): status "skipped" with the
+    reason in run-skipped.json beside any earlier record (which stays), not a failure; the suite goes on."""
+    from bench.common.files import write_json_atomic
+
+    warn(f"[{dataset}] {method.name} {tag} skipped: {reason}")
+    if guard is not None:
+        guard()
+    path = Path(run_dir) / SKIPPED_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"status": "skipped", "dataset": dataset, "method": method.name, "split": tag,
+                             "reason": reason, "ended": _now()})
+    return RunOutcome(dataset, method.name, tag, "skipped", run_dir, None, reason, path)
 
 
 def _guard_epochs(guard: Callable[[], None]) -> EpochCallback:
