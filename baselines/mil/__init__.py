@@ -101,6 +101,24 @@ for _s in (
 del _s
 
 
+def _register_slide_encoders() -> None:
+    """Every slide encoder whose architecture is implemented (baselines/slide), in both modes."""
+    from baselines.mil.slide import SlideEncoderMIL
+    from baselines.slide import SLIDE_ARCHS
+
+    for name in SLIDE_ARCHS.names():
+        with torch.device("meta"):  # no memory, no init cost: only the class attribute is read
+            invariant = not SLIDE_ARCHS.get(name)(config="tiny").uses_coords
+        cls = type(f"SlideEncoderMIL[{name}]", (SlideEncoderMIL,), {"permutation_invariant": invariant})
+        AGGREGATORS.register(name, _spec(name, cls, f"slide encoder {name}, frozen + linear head "
+                                         "(probe)", encoder=name))
+        AGGREGATORS.register(f"{name}-ft", _spec(f"{name}-ft", cls, f"slide encoder {name}, "
+                                                 "fine-tuned with a linear head", encoder=name, mode="finetune"))
+
+
+_register_slide_encoders()
+
+
 def build_aggregator(name: str, in_dim: int, n_outputs: int, seed: int | None = None, **params: Any) -> MILAggregator:
     """Build the aggregator `name` for `in_dim`-dimensional features and `n_outputs` outputs.
 

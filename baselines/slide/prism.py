@@ -164,7 +164,9 @@ class Perceiver(nn.Module):
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final latents (B, latent_seq, latent_dim) and the first latent's last cross-attention (B, N)."""
-        x = self.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
+        # a copy, not an expand() view: a view of a parameter made under no_grad still says requires_grad with no
+        # grad_fn, which breaks torch's module tracker (FLOP counting)
+        x = self.latents.unsqueeze(0).repeat(context.shape[0], 1, 1)  # (B, latent_seq, latent_dim)
         last = len(self.layers) - 1
         weights = None
         for i, layer in enumerate(self.layers):

@@ -191,7 +191,13 @@ def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor],
     """Write a state dict as safetensors, atomically; metadata values become strings."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().contiguous().cpu()
+        if v.numel() and v.data_ptr() in seen:  # a shared (tied) weight, e.g. PRISM's repeated layers: its own copy
+            v = v.clone()
+        seen.add(v.data_ptr())
+        tensors[k] = v
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -648,6 +648,17 @@ def check_methods(suite: Suite) -> None:
     for m in suite.methods:
         get_encoder(m.encoder)
         AGGREGATORS.get(m.aggregator)
+    for m in suite.methods:  # a pretrained slide encoder only takes its own patch encoder's features
+        defaults = AGGREGATORS.get(m.aggregator).defaults
+        if m.paradigm == "two-stage" and "encoder" in defaults:
+            _, agg = method_settings(suite, m)
+            if agg.get("init", defaults["init"]) == "published":
+                from baselines.encoders_slide import check_pairing
+
+                try:
+                    check_pairing(defaults["encoder"], m.encoder)
+                except ConfigError as exc:
+                    raise ConfigError(f"{suite.source}: method {m.name!r}: {exc}") from None
     for ds in suite.datasets:
         for m in suite.methods:
             params, agg = method_settings(suite, m)

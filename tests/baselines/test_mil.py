@@ -20,15 +20,25 @@ SMALL = {"hidden_dim": 16}  # every aggregator takes hidden_dim; 16 keeps the su
 # authors' code gives); 2 x 2 regions of 9 instances exercise R-MSA, EPEG and CR-MSA.
 EXTRA = {"transmil": {"n_landmarks": 8}, "rrt-mil": {"region_num": 2}}
 NAMES = AGGREGATORS.names()
+# pretrained slide encoders as aggregators (baselines/mil/slide.py): their tiny test instances, random init
+SLIDE = {n for n in NAMES if "encoder" in AGGREGATORS.get(n).defaults}
+
+
+# PRISM's img_norm normalises the 512 image latents, which its slide embedding (the first latent) never uses
+UNUSED_BY_EMBEDDING = {"prism": "encoder.img_norm."}
 
 
 def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
-    return build_aggregator(name, IN_DIM, n_outputs, seed=1, **{**SMALL, **EXTRA.get(name, {}), **params})
+    base = {"config": "tiny"} if name in SLIDE else SMALL
+    return build_aggregator(name, IN_DIM, n_outputs, seed=1, **{**base, **EXTRA.get(name, {}), **params})
 
 
 def test_registry_holds_every_aggregator_of_the_design():
-    assert set(NAMES) == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma", "abmilx",
-                          "clam-mb", "rrt-mil", "wikg", "dtfd-mil", "maxmil", "abmilx-feat"}
+    assert set(NAMES) - SLIDE == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma",
+                                  "abmilx", "clam-mb", "rrt-mil", "wikg", "dtfd-mil", "maxmil", "abmilx-feat"}
+    from baselines.slide import SLIDE_ARCHS
+
+    assert SLIDE == {m for n in SLIDE_ARCHS.names() for m in (n, f"{n}-ft")}  # every implemented one, both modes
     for name in ("transmil", "rrt-mil", "dtfd-mil"):  # regions / pseudo-bags follow the instance order
         assert not AGGREGATORS.get(name).permutation_invariant, name
     for name in ("mean", "max", "maxmil", "abmil", "abmil-plain", "gma", "abmilx", "clam-mb", "wikg"):
@@ -80,9 +90,15 @@ def test_every_parameter_receives_a_gradient(name):
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not bool((p.grad != 0).any())]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a probe trains only its head
+    missing = [n for n, p in trained if (p.grad is None or not bool((p.grad != 0).any()))
+               and not n.startswith(UNUSED_BY_EMBEDDING.get(name.removesuffix("-ft"), "-"))]
     assert not missing, f"{name}: no gradient for {missing}"
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for _, p in trained if p.grad is not None)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    if name in SLIDE:  # probe: exactly the encoder is frozen; fine-tuning: nothing is
+        assert bool(frozen) == (not name.endswith("-ft")) and all(n.startswith("encoder.") for n in frozen)
 
 
 @pytest.mark.parametrize("name", ["clam-sb", "clam-mb", "dsmil", "dtfd-mil"])
@@ -195,10 +211,11 @@ def test_huge_but_finite_features_are_not_mistaken_for_nan():
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_parameter_names_the_valid_ones(name):
     valid = list(AGGREGATORS.get(name).defaults)
+    typo, meant = ("mdoe", "mode") if name in SLIDE else ("hiden_dim", "hidden_dim")
     with pytest.raises(ConfigError) as err:
-        build_aggregator(name, IN_DIM, 2, hiden_dim=8)
+        build_aggregator(name, IN_DIM, 2, **{typo: 8})
     message = str(err.value)
-    assert "'hiden_dim'" in message and "did you mean 'hidden_dim'" in message
+    assert f"'{typo}'" in message and f"did you mean '{meant}'" in message
     assert all(p in message for p in valid)
 
 
@@ -274,4 +291,4 @@ def test_cli_table_lists_every_aggregator_with_its_parameter_count(capsys):
     for name in NAMES:
         expected = count_parameters(build_aggregator(name, 1024, 2)).trainable
         assert int(rows[name][2].strip().replace(",", "")) == expected
-        assert "hidden_dim=512" in rows[name][5]
+        assert ("hidden_dim=512" in rows[name][5]) != (name in SLIDE), rows[name]

@@ -12,12 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
+from baselines.mil import AGGREGATORS
 from bench.common.errors import ConfigError, DataError, TrainingError
 
 DIM = 16
 SMALL = {"hidden_dim": 32}  # tiny models: the loop, not the model, is under test
 # TransMIL's 256 Nystrom landmarks cost ~0.3 s per forward even on a 30-instance bag
 SMALL_FOR = {"transmil": {**SMALL, "n_landmarks": 16}}
+# pretrained slide encoders as aggregators: their tiny random-init instances
+SMALL_FOR.update({n: {"config": "tiny"} for n in AGGREGATORS.names() if "encoder" in AGGREGATORS.get(n).defaults})
 
 
 # one torch thread: small models on 2 cores run faster, and timings do not fight the other tests
@@ -110,7 +113,7 @@ def test_abmil_learns_a_planted_signal_and_its_attention_finds_the_lesions(tmp_p
     assert result.extra["attention_split"] == "test"
 
 
-@pytest.mark.parametrize("name", __import__("baselines.mil", fromlist=["AGGREGATORS"]).AGGREGATORS.names())
+@pytest.mark.parametrize("name", AGGREGATORS.names())
 def test_every_aggregator_trains_and_its_saved_weights_reproduce_the_test_predictions(name, tmp_path):
     from baselines.mil import build_aggregator
     from bench.evaluation.training import load_safetensors
