@@ -7,9 +7,10 @@ encoder only makes sense on features of its own patch encoder, so `check_pairing
     >>> check_pairing("prism", "uni")                       # doctest: +SKIP
     ConfigError: slide encoder 'prism' was trained on 'virchow' features (2560-d at 20x) ...
 
-None of them runs here yet: their published code is remote code or a separate package, and the
-harness loads no remote code silently. `require_runnable` says what is missing (the optional
-`pip install -e '.[slide]'` extra, or the revision-pinned remote-code opt-in).
+FEATHER, CHIEF and PRISM are written here in plain torch (baselines/slide) and run as the
+aggregators `<name>` (frozen + linear probe) and `<name>-ft` (fine-tuned), baselines/mil/slide.py;
+TITAN and Prov-GigaPath's slide encoder are registered facts only. `require_runnable` says what is
+missing for those. The harness loads no remote code.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class SlideEncoderSpec:
 
     @property
     def implemented(self) -> bool:
-        return False  # no slide encoder's model code is part of the harness yet
+        """Whether its architecture is written here (baselines/slide), i.e. it runs as aggregator `<name>`."""
+        from baselines.slide import SLIDE_ARCHS
+
+        return self.name in SLIDE_ARCHS.names()
 
 
 SLIDE_ENCODERS: Registry[SlideEncoderSpec] = Registry("slide encoder")
@@ -113,17 +117,18 @@ def check_pairing(slide_encoder: str, patch_encoder: str) -> SlideEncoderSpec:
         raise ConfigError(
             f"slide encoder {slide_encoder!r} cannot take features of patch encoder {patch_encoder!r}{given_dim}: "
             f"it was trained on {spec.patch_encoder!r}{registered} features ({spec.patch_dim}-d at "
-            f"{spec.magnification or 'its magnification'}); use two-stage/{spec.patch_encoder}/{slide_encoder}"
+            f"{spec.magnification if spec.magnification and 'not looked up' not in spec.magnification else 'its magnification'}); "
+            f"use two-stage/{spec.patch_encoder}/{slide_encoder}"
         )
     return spec
 
 
 def require_runnable(slide_encoder: str) -> SlideEncoderSpec:
-    """Raise a ConfigError saying what is needed to run `slide_encoder` (none runs here yet)."""
+    """The spec of `slide_encoder`, or a ConfigError saying what is needed to run it."""
     spec = SLIDE_ENCODERS.get(slide_encoder)
     if not spec.implemented:
         raise ConfigError(f"slide encoder {slide_encoder!r} ({spec.source}) does not run in this harness yet: "
-                          f"it needs {spec.needs or 'its authors code'}; see {spec.reference or spec.source}")
+                          f"{spec.needs or 'its architecture is not written here'}; see {spec.reference or spec.source}")
     return spec
 
 

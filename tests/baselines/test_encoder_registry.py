@@ -216,8 +216,11 @@ def test_slide_encoders_declare_their_patch_encoder_and_refuse_others():
         check_pairing("prism", "uni")
     with pytest.raises(ConfigError, match=r"'chief' .* trained on 'ctranspath' features \(768-d.*use two-stage/ctranspath/chief"):
         check_pairing("chief", "resnet50-trunc")
-    with pytest.raises(ConfigError, match=r"'titan' .* does not run in this harness yet: it needs remote code"):
+    with pytest.raises(ConfigError, match=r"'titan' .* does not run in this harness yet: not runnable "
+                                          r"yet: its architecture .* is not written here"):
         require_runnable("titan")
+    for name in ("feather", "feather-uni2", "chief", "prism"):  # written in baselines/slide: they run
+        assert require_runnable(name).implemented
 
 
 def test_cli_table_lists_every_encoder_with_its_facts(capsys):
