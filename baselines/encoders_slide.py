@@ -7,10 +7,11 @@ encoder only makes sense on features of its own patch encoder, so `check_pairing
     >>> check_pairing("prism", "uni")                       # doctest: +SKIP
     ConfigError: slide encoder 'prism' was trained on 'virchow' features (2560-d at 20x) ...
 
-FEATHER, CHIEF and PRISM are written here in plain torch (baselines/slide) and run as the
-aggregators `<name>` (frozen + linear probe) and `<name>-ft` (fine-tuned), baselines/mil/slide.py;
-TITAN and Prov-GigaPath's slide encoder are registered facts only. `require_runnable` says what is
-missing for those. The harness loads no remote code.
+FEATHER, CHIEF, PRISM, TITAN and Prov-GigaPath's slide encoder are written here in plain torch
+(baselines/slide) and run as the aggregators `<name>` (frozen + linear probe) and `<name>-ft`
+(fine-tuned), baselines/mil/slide.py; TITAN and GigaPath also take the patch grid positions.
+`require_runnable` says what is missing for an entry without an architecture here. The harness loads
+no remote code.
 """
 
 from __future__ import annotations

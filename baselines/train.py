@@ -254,6 +254,34 @@ class BagFeatures:
             x = self._read(bag)
         return x.to(device, non_blocking=True)
 
+    def grid(self, bag: tuple[str, ...], device: Any) -> torch.Tensor:
+        """(1, N, 2) float32 patch-grid positions (column, row) of `bag`, for aggregators with `uses_coords`.
+
+        Level-0 pixel coordinates / the slide's patch side at level 0, so one step = one patch whatever
+        the scanner's resolution; absolute, as the authors' TITAN and GigaPath take them. A bag of several
+        slides (a survival patient) lays them side by side in that order: each later slide is shifted so
+        its columns start two patches right of the previous slide's rightmost patch, so no two patches
+        share a position and distances within a slide are kept (the authors encode one slide at a time).
+        """
+        import torch
+
+        if any(s not in self.coords for s in bag):
+            self._read(bag)  # coords and geometry come with the features
+        parts, offset = [], 0.0
+        for slide in bag:
+            ps0 = max(int(self.geometry[slide][0]), 1)
+            g = np.asarray(self.coords[slide], dtype=np.float64)[:, :2] / ps0
+            if len(g):
+                if parts:  # a later slide of the bag: shift it right of the previous ones
+                    g[:, 0] += offset - g[:, 0].min()
+                offset = float(g[:, 0].max()) + 2.0
+            parts.append(g)
+        g = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(g) != self.n_instances(bag):
+            raise DataError(f"bag {bag!r}: {len(g)} coords for {self.n_instances(bag)} patches; "
+                            "the feature file's coords and features disagree, re-extract it")
+        return torch.from_numpy(g.astype(np.float32))[None].to(device)
+
 
 def _header(slide: str, path: Path) -> tuple[int, int]:
     """(N, D) of a feature file without reading it; a clear error for an empty or unreadable one."""
@@ -312,7 +340,7 @@ class TwoStageLoop:
         label = torch.as_tensor(target.label, device=self.device).long().reshape(1) if self.categorical else None
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
-            out = self._forward(x, bag_id, label)
+            out = self._forward(x, bag_id, label, bag)
             loss = self.task.loss(out.logits.float(), target)
             if out.aux_loss is not None:
                 w = float(self.model.aux_weight)
@@ -329,8 +357,11 @@ class TwoStageLoop:
         self.scheduler.step()
         return value
 
-    def _forward(self, x: torch.Tensor, bag_id: str, label: torch.Tensor | None = None) -> Any:
+    def _forward(self, x: torch.Tensor, bag_id: str, label: torch.Tensor | None = None,
+                 bag: tuple[str, ...] | None = None) -> Any:
         try:
+            if bag is not None and getattr(self.model, "uses_coords", False):
+                return self.model(x, label=label, coords=self.bags.grid(bag, self.device))
             return self.model(x, label=label)
         except DataError as exc:  # check_bag's message knows the batch position, not the bag
             raise DataError(f"bag {bag_id!r}: {exc}") from None
@@ -356,7 +387,7 @@ class TwoStageLoop:
                         torch.cuda.synchronize(self.device)
                     t0 = time.perf_counter()
                     with autocast(self.device, self.precision):
-                        out = self._forward(x, str(bag_id))
+                        out = self._forward(x, str(bag_id), bag=tuple(ids))
                     logits.append(out.logits.float()[0].cpu().numpy())  # (K,), synchronises
                     seconds += time.perf_counter() - t0
                     attention.append(out.attention.float()[0].cpu().numpy())  # (N,)
@@ -522,7 +553,13 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
 
     params = count_parameters(model)
     n_ref = max(1, round(float(np.mean([store.n_instances(k) for k in keys["train"]]))))
-    flops = count_flops(model, torch.zeros(1, n_ref, store.dim, device=device))
+    # ones, not zeros: TITAN drops all-zero grid cells as background
+    example: dict[str, Any] = {"x": torch.ones(1, n_ref, store.dim, device=device)}
+    if getattr(model, "uses_coords", False):  # a square patch grid, row-major
+        side = math.ceil(math.sqrt(n_ref))
+        i = torch.arange(n_ref, device=device, dtype=torch.float32)
+        example["coords"] = torch.stack([i % side, torch.div(i, side, rounding_mode="floor")], dim=1)[None]
+    flops = count_flops(model, example)
     costs = Costs(train_seconds=train_seconds, infer_seconds_per_slide=infer_seconds, peak_memory_mb=peak_mb,
                   params=params.total, flops=flops, device=device_name(device), trainable_params=params.trainable,
                   peak_memory_kind=peak_kind)

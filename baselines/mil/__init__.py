@@ -101,22 +101,31 @@ for _s in (
 del _s
 
 
-def _register_slide_encoders() -> None:
-    """Every slide encoder whose architecture is implemented (baselines/slide), in both modes."""
+def register_slide_encoders() -> None:
+    """Every slide encoder whose architecture is implemented (baselines/slide), in both modes.
+
+    Idempotent. Called at the end of this package and again at the end of `baselines.slide`'s
+    `__init__`: the slide modules import `baselines.mil.base`, so when `baselines.slide` is imported
+    first this package runs while the architectures are not all registered yet.
+    """
     from baselines.mil.slide import SlideEncoderMIL
-    from baselines.slide import SLIDE_ARCHS
+    from baselines.slide.base import SLIDE_ARCHS
 
     for name in SLIDE_ARCHS.names():
+        if name in AGGREGATORS:
+            continue
         with torch.device("meta"):  # no memory, no init cost: only the class attribute is read
             invariant = not SLIDE_ARCHS.get(name)(config="tiny").uses_coords
-        cls = type(f"SlideEncoderMIL[{name}]", (SlideEncoderMIL,), {"permutation_invariant": invariant})
+        cls = type(f"SlideEncoderMIL[{name}]", (SlideEncoderMIL,),
+                   {"permutation_invariant": invariant, "uses_coords": not invariant})
         AGGREGATORS.register(name, _spec(name, cls, f"slide encoder {name}, frozen + linear head "
                                          "(probe)", encoder=name))
         AGGREGATORS.register(f"{name}-ft", _spec(f"{name}-ft", cls, f"slide encoder {name}, "
                                                  "fine-tuned with a linear head", encoder=name, mode="finetune"))
 
 
-_register_slide_encoders()
+register_slide_encoders()
+import baselines.slide  # noqa: E402,F401  (a no-op when it is mid-import; it then registers at its end)
 
 
 def build_aggregator(name: str, in_dim: int, n_outputs: int, seed: int | None = None, **params: Any) -> MILAggregator:

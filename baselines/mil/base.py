@@ -3,6 +3,8 @@
 One interface for all aggregators (two-stage and end-to-end alike)::
 
     out = model(x, mask=None, label=None)   # x: (B, N, D) float, mask: (B, N) bool
+    out = model(x, coords=grid)             # aggregators with `uses_coords` (TITAN, GigaPath's slide
+                                            # encoder): grid (B, N, 2) = (column, row) in patch units
     out.logits          # (B, C)
     out.attention       # (B, N) per-instance scores, 0 at padding
     out.head_attention  # (B, H, N) for multi-head models, else None
@@ -55,6 +57,24 @@ class MILOutput:
 # ---------------------------------------------------------------------------
 # Input checks: one place, used by every aggregator through MILAggregator.forward
 # ---------------------------------------------------------------------------
+
+
+def check_coords(coords: Any, x: torch.Tensor) -> torch.Tensor:
+    """Validate patch-grid positions for the bag batch `x` (B, N, D); returns them in x's dtype.
+
+    Raises:
+        DataError: not a tensor of shape (B, N, 2), or NaN/inf in it.
+    """
+    b, n = x.shape[:2]
+    if not isinstance(coords, torch.Tensor):
+        raise DataError(f"coords must be a torch.Tensor of shape (B, N, 2) = ({b}, {n}, 2), got {type(coords).__name__}")
+    if tuple(coords.shape) != (b, n, 2):
+        raise DataError(f"coords shape {tuple(coords.shape)} does not match the bag batch: expected (B, N, 2) = ({b}, {n}, 2)")
+    coords = coords.to(x.dtype)
+    if not bool(torch.isfinite(coords).all()):
+        bad = torch.nonzero(~torch.isfinite(coords).all(dim=2))[0].tolist()
+        raise DataError(f"coords hold NaN or inf at bag {bad[0]}, instance {bad[1]}")
+    return coords
 
 
 def check_bag(x: Any, mask: Any, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,6 +219,7 @@ class MILAggregator(nn.Module):
 
     permutation_invariant: bool = True
     aux_weight: float = 0.0
+    uses_coords: bool = False  # True: `aggregate` takes the patch grid positions as a 4th argument
 
     def __init__(self, in_dim: int, n_outputs: int, hidden_dim: int) -> None:
         super().__init__()
@@ -207,12 +228,20 @@ class MILAggregator(nn.Module):
         self.hidden_dim = check_int("hidden_dim", hidden_dim)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, label: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, label: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
     ) -> MILOutput:
+        """`coords`: (B, N, 2) patch grid positions (column, row), level-0 pixels / patch level-0 side.
+        Needed by aggregators with `uses_coords`; the others ignore them."""
         x, mask = check_bag(x, mask, self.in_dim)
         if label is not None:
             label = check_label(label, x.shape[0], self.n_outputs)
-        return self.aggregate(x, mask, label)
+        if not self.uses_coords:
+            return self.aggregate(x, mask, label)
+        if coords is None:
+            raise DataError(f"{type(self).__name__} needs the patches' grid positions: call it with "
+                            "coords=(B, N, 2) (column, row) in patch units")
+        return self.aggregate(x, mask, label, check_coords(coords, x))
 
     def aggregate(self, x: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor | None) -> MILOutput:
         """x: (B, N, D) checked; mask: (B, N) bool or None when all valid."""

@@ -16,6 +16,10 @@ error that names it (the suite checks the patch encoder by name: `check_pairing`
 "random"`` builds the architecture with seeded random weights at the bag's feature size (tests,
 synthetic demos: nothing is downloaded). ``config = "tiny"`` is the small test instance.
 
+Patch positions: encoders with `uses_coords` (TITAN's 2D ALiBi, GigaPath's sin-cos grid) get the
+bag's grid positions, (column, row) = level-0 pixel coordinates / the patch's level-0 side, which the
+two-stage trainer reads from the feature files (`BagFeatures.grid`).
+
 Attention for heatmaps: the encoder's own per-patch attention where it has one (FEATHER, CHIEF:
 their attention pooling; PRISM: the image latent's last cross-attention), else uniform.
 """
@@ -61,10 +65,8 @@ class SlideEncoderMIL(MILAggregator):
             net = build_slide_arch(encoder, config="published")
         else:
             net = build_slide_arch(encoder, config=config, in_dim=in_dim)
-        if net.uses_coords:
-            raise ConfigError(f"slide encoder {encoder!r} needs the patch coordinates, which the two-stage trainer "
-                              "does not pass to aggregators yet")
         super().__init__(in_dim, n_outputs, hidden_dim=net.embed_dim)
+        self.uses_coords = bool(net.uses_coords)  # TITAN, GigaPath: the trainer then passes the patch grid
         self.mode, self.init = mode, init
         self.encoder_name = encoder
         self.encoder = net
@@ -81,12 +83,13 @@ class SlideEncoderMIL(MILAggregator):
             self.encoder.eval()  # a frozen encoder never trains: no dropout, no batch statistics
         return self
 
-    def aggregate(self, x: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor | None) -> MILOutput:
+    def aggregate(self, x: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor | None,
+                  coords: torch.Tensor | None = None) -> MILOutput:
         if self.mode == "probe":
             with torch.no_grad():
-                z = self.encoder(x, None, mask)  # (B, E)
+                z = self.encoder(x, coords, mask)  # (B, E)
         else:
-            z = self.encoder(x, None, mask)
+            z = self.encoder(x, coords, mask)
         attention = self.encoder.attention()
         if attention is None or tuple(attention.shape) != tuple(x.shape[:2]):
             valid = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if mask is None else mask.to(x.dtype)

@@ -5,6 +5,7 @@ name the entry and the field; the `hub_filename` and transformers-format paths; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import timm
@@ -216,11 +217,19 @@ def test_slide_encoders_declare_their_patch_encoder_and_refuse_others():
         check_pairing("prism", "uni")
     with pytest.raises(ConfigError, match=r"'chief' .* trained on 'ctranspath' features \(768-d.*use two-stage/ctranspath/chief"):
         check_pairing("chief", "resnet50-trunc")
-    with pytest.raises(ConfigError, match=r"'titan' .* does not run in this harness yet: not runnable "
-                                          r"yet: its architecture .* is not written here"):
-        require_runnable("titan")
-    for name in ("feather", "feather-uni2", "chief", "prism"):  # written in baselines/slide: they run
+    for name in ("feather", "feather-uni2", "chief", "prism", "titan", "gigapath-slide"):  # written in baselines/slide
         assert require_runnable(name).implemented
+    from baselines.encoders_slide import SlideEncoderSpec
+
+    ghost = SlideEncoderSpec(**{**dataclasses.asdict(SLIDE_ENCODERS.get("titan")), "name": "ghost",
+                                "needs": "its architecture is not written here"})
+    SLIDE_ENCODERS.register("ghost", ghost)
+    try:
+        with pytest.raises(ConfigError, match=r"'ghost' .* does not run in this harness yet: its architecture is not "
+                                              r"written here; see https://huggingface.co/MahmoodLab/TITAN"):
+            require_runnable("ghost")
+    finally:
+        SLIDE_ENCODERS._items.pop("ghost")
 
 
 def test_cli_table_lists_every_encoder_with_its_facts(capsys):

@@ -28,9 +28,30 @@ SLIDE = {n for n in NAMES if "encoder" in AGGREGATORS.get(n).defaults}
 UNUSED_BY_EMBEDDING = {"prism": "encoder.img_norm."}
 
 
+GRID_WIDTH = 8  # test bags of aggregators with `uses_coords` lie row-major on a grid 8 patches wide
+
+
+def row_major_grid(b: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, N, 2) grid positions (column, row) of instance i = (i % 8, i // 8): a bag's first k
+    instances have the same positions whatever N, so a padded bag and the bag alone agree."""
+    i = torch.arange(n, dtype=dtype)
+    return torch.stack([i % GRID_WIDTH, torch.div(i, GRID_WIDTH, rounding_mode="floor")], dim=1).expand(b, n, 2)
+
+
+def _default_grid(module, args, kwargs):
+    """Forward pre-hook of the suite's coords-using models: a row-major grid where the call gives none."""
+    x = args[0] if args else kwargs.get("x")
+    if kwargs.get("coords") is None and isinstance(x, torch.Tensor) and x.ndim == 3:
+        kwargs = {**kwargs, "coords": row_major_grid(x.shape[0], x.shape[1], x.dtype)}
+    return args, kwargs
+
+
 def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
     base = {"config": "tiny"} if name in SLIDE else SMALL
-    return build_aggregator(name, IN_DIM, n_outputs, seed=1, **{**base, **EXTRA.get(name, {}), **params})
+    model = build_aggregator(name, IN_DIM, n_outputs, seed=1, **{**base, **EXTRA.get(name, {}), **params})
+    if model.uses_coords:  # TITAN, GigaPath: every suite call below gets the patches' grid positions
+        model.register_forward_pre_hook(_default_grid, with_kwargs=True)
+    return model
 
 
 def test_registry_holds_every_aggregator_of_the_design():
@@ -195,6 +216,48 @@ def test_bad_input_gives_clear_errors(name):
         model(torch.randn(6, IN_DIM))
     with pytest.raises(DataError, match="mask shape"):
         model(torch.randn(1, 6, IN_DIM), mask=torch.ones(1, 5, dtype=torch.bool))
+
+
+USES_COORDS = [n for n in NAMES if AGGREGATORS.get(n).cls.uses_coords]
+
+
+def test_the_coords_users_are_the_slide_encoders_with_positions():
+    assert {n.removesuffix("-ft") for n in USES_COORDS} == {"titan", "gigapath-slide"}
+    assert all(not AGGREGATORS.get(n).permutation_invariant for n in USES_COORDS)
+
+
+@pytest.mark.parametrize("name", USES_COORDS)
+def test_coords_users_need_coords_and_see_them(name):
+    model = build_aggregator(name, IN_DIM, 3, seed=1, config="tiny").double().eval()  # no default-grid hook
+    x = torch.randn(1, 20, IN_DIM, dtype=torch.double)
+    with pytest.raises(DataError, match=r"needs the patches' grid positions: call it with coords"):
+        model(x)
+    with pytest.raises(DataError, match=r"coords shape \(1, 19, 2\) .* expected \(B, N, 2\) = \(1, 20, 2\)"):
+        model(x, coords=row_major_grid(1, 19))
+    with pytest.raises(DataError, match="coords must be a torch.Tensor"):
+        model(x, coords=row_major_grid(1, 20).numpy())
+    bad = row_major_grid(1, 20).clone()
+    bad[0, 7, 1] = float("nan")
+    with pytest.raises(DataError, match="NaN or inf at bag 0, instance 7"):
+        model(x, coords=bad)
+    grid = row_major_grid(1, 20, torch.double)
+    out = model(x, coords=grid)
+    # translating the whole bag by whole patches keeps every distance: TITAN's ALiBi is unchanged;
+    # moving patches apart changes what the model sees
+    moved = grid.clone()
+    moved[0, :10, 0] += 5.0
+    assert not torch.allclose(model(x, coords=moved).logits, out.logits, rtol=1e-6, atol=1e-8)
+    if name.startswith("titan"):
+        torch.testing.assert_close(model(x, coords=grid + 3.0).logits, out.logits, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["abmil", "mean", "prism"])
+def test_aggregators_without_positions_ignore_coords(name):
+    model = small(name).double().eval()
+    x = torch.randn(1, 20, IN_DIM, dtype=torch.double)
+    assert not model.uses_coords
+    torch.testing.assert_close(model(x, coords=row_major_grid(1, 20, torch.double) * 7).logits, model(x).logits,
+                               rtol=0, atol=0)
 
 
 def test_huge_but_finite_features_are_not_mistaken_for_nan():

@@ -134,8 +134,15 @@ def test_every_aggregator_trains_and_its_saved_weights_reproduce_the_test_predic
     model = build_aggregator(name, DIM, 2, **SMALL_FOR.get(name, SMALL))
     model.load_state_dict(state)
     model.eval()
+    def positions(slide: str) -> dict[str, torch.Tensor]:  # TITAN, GigaPath: the grid the trainer passes
+        if not model.uses_coords:
+            return {}
+        with h5py.File(data.files[slide], "r") as f:
+            return {"coords": torch.from_numpy(f["coords"][()] / 256).float()[None]}  # no attrs: the 256 px grid step
+
     with torch.no_grad():
-        logits = torch.cat([model(torch.from_numpy(h5py.File(data.files[s], "r")["features"][()])[None]).logits
+        logits = torch.cat([model(torch.from_numpy(h5py.File(data.files[s], "r")["features"][()])[None],
+                                  **positions(s)).logits
                             for s in bags.parts["test"]["bag_id"]])
     np.testing.assert_allclose(bags.task.scores(logits), test[["prob_0", "prob_1"]].to_numpy(), rtol=1e-5, atol=1e-7)
     assert set(result.attention) >= {"sparsity", "max_n_all"}
@@ -380,3 +387,25 @@ def test_costs_include_feature_extraction_when_the_files_record_it(tmp_path):
             del f.attrs["seconds"]
     result = train(bags, data, tmp_path / "run2", config(epochs=1))
     assert result.costs["feature_seconds"] == 0.0 and "record no extraction time" in result.extra["feature_extraction"]
+
+
+def test_bag_grid_is_level0_coords_over_the_patch_side_and_slides_of_a_bag_lie_side_by_side(tmp_path):
+    from baselines.train import BagFeatures
+
+    def slide(name: str, coords: list[list[int]]) -> Path:
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as f:
+            f["features"] = np.ones((len(coords), 4), dtype=np.float32)
+            f["coords"] = np.asarray(coords, dtype=np.int64)
+            f.attrs["patch_size_level0"] = 512  # a 40x scan tiled at 20x: 256 px patches are 512 px at level 0
+            f.attrs["target_magnification"] = 20.0
+        return path
+
+    files = {"a": slide("a", [[1024, 512], [1536, 512], [1024, 2048]]), "b": slide("b", [[5120, 0], [6144, 512]])}
+    for cache in (True, False):
+        store = BagFeatures([("a",), ("a", "b")], files, cache=cache, max_cache_gb=1.0)
+        np.testing.assert_array_equal(store.grid(("a",), "cpu")[0].numpy(), [[2, 1], [3, 1], [2, 4]])
+        # b's columns start 2 right of a's rightmost (3); its rows and its own spacing are kept
+        np.testing.assert_array_equal(store.grid(("a", "b"), "cpu")[0].numpy(),
+                                      [[2, 1], [3, 1], [2, 4], [5, 0], [7, 1]])
+        assert store.grid(("a", "b"), "cpu").dtype == torch.float32
