@@ -80,13 +80,24 @@ fine-tuning passes dropout 0.1 via `finetune/params.py`; override `dropout=`). R
 authors' final state: xavier-uniform Linear weights, zero biases, unit LayerNorms, cls_token N(0, 0.02)
 (the subln rescaling in torchscale's Encoder is overwritten by LongNetViT's `initialize_vit_weights`).
 
-Equivalence: compared once in float64 against the authors' LongNetViT (their files, with a plain softmax
-stand-in for `flash_attn_func` that returns the natural-log lse) with copied random weights, tiny sizes,
-bags of 1-40 tiles; max abs difference recorded in /work/notes/gigapath.md and in the test module.
+Equivalence: compared once in float64 against the authors' LongNetViT at the commit above (their
+`slide_encoder.py`, `pos_embed.py` and vendored torchscale run from a scratch folder, with a plain softmax
+stand-in for `flash_attn_func` that returns the natural-log lse (B, H, L), no-op fairscale wrappers and
+einops 0.8.2), this module's random weights (perturbed off the init) copied in, and the slide embedding
+`model(x, coords_px, all_layer_embed=True)[embed_layer]` with coords_px = grid * 256 (+ a sub-tile offset)
+compared to `encode(x, coords_px / 256)`: bags of 1-40 tiles and a batch of two, in four small configs
+(the tiny one; 24-d, 6 heads, five branches (3, 5, 8, 16, 32) x (1, 2, 4, 8, 16), so head padding and
+segments not a multiple of the dilation occur; 32-d, 16 heads, slide_ngrids 1000, (4, 6, 12, 24, 40) x
+(1, 2, 4, 8, 16); 16-d, dilations (2, 3), embed_layer = depth). Max abs difference: 8.9e-16 (embeddings of
+magnitude ~2). The authors' module built at published sizes on the meta device has 86,330,880 parameters,
+and its state-dict keys are this module's plus the 22 dropped ones named above (20 of
+`encoder.layers.11`, 2 of `encoder.layer_norm`). (With numpy >= 2 the authors'
+`get_optimal_segment_length` string reads "[np.int64(1024), ...]" and their config's eval() needs `np` in
+scope; this module takes the integers directly.)
 
 Parameter count (published sizes): the authors' full module has 86,330,880 parameters (their notebook's
 "Slide encoder param #"); this module, without layer 12 and `encoder.layer_norm`, has 79,233,792
-(86,330,880 - 7,095,552 for one layer - 1,536).
+(86,330,880 - 7,095,552 for one layer - 1,536); both counts measured on the meta device.
 """
 
 from __future__ import annotations
