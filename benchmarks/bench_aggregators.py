@@ -23,6 +23,11 @@
    backward, AdamW step) and one eval forward at each N, seconds and peak RSS growth,
    next to ABMIL measured in the same run (the ratio column); a step that fails for
    memory, or whose peak would pass 24 GiB (the target machine), is flagged.
+5. The slide encoders as aggregators (FEATHER, CHIEF, TITAN, PRISM, GigaPath's slide
+   encoder), published sizes with random weights, on bags at each encoder's own feature
+   size (TITAN and GigaPath with a square patch grid): a probe step, a fine-tuning step
+   and an eval forward, next to ABMIL on N x 1024; TITAN's full attention is skipped and
+   flagged where its estimated need passes the machine's memory.
 
 Run: .venv/bin/python benchmarks/bench_aggregators.py [--quick] [--sizes 1000 10000 50000]
 """
@@ -130,23 +135,45 @@ def train_throughput(name: str, paths: list[Path], epochs: int, cache: bool, out
 # ----------------------------------------------------------------------------- 2./3. inference
 
 
+def feature_dim(name: str) -> int:
+    """1024 for the MIL aggregators; a slide encoder's own patch-feature size (TITAN 768, GigaPath 1536, ...)."""
+    from baselines.encoders_slide import SLIDE_ENCODERS
+    from baselines.mil import AGGREGATORS
+
+    encoder = AGGREGATORS.get(name).defaults.get("encoder")
+    return SLIDE_ENCODERS.get(encoder).patch_dim if encoder else IN_DIM
+
+
+def bag(name: str, model: object, n: int) -> dict[str, object]:
+    """The forward's inputs for a (1, n, D) bag; coords-using models (TITAN, GigaPath) get a square
+    row-major patch grid."""
+    import torch
+
+    inputs: dict[str, object] = {"x": torch.randn(1, n, feature_dim(name), generator=torch.Generator().manual_seed(n))}
+    if getattr(model, "uses_coords", False):
+        side = math.ceil(math.sqrt(n))
+        i = torch.arange(n, dtype=torch.float32)
+        inputs["coords"] = torch.stack([i % side, torch.div(i, side, rounding_mode="floor")], dim=1)[None]
+    return inputs
+
+
 def infer(name: str, n: int, repeats: int, **params) -> tuple[float, float]:
     """Best-of-`repeats` seconds per bag (robust to other load on the machine) and
-    the largest peak RSS growth (MiB) of an eval forward on a (1, n, 1024) bag."""
+    the largest peak RSS growth (MiB) of an eval forward on a (1, n, D) bag."""
     import torch
 
     from baselines.mil import build_aggregator
     from bench.evaluation.costs import PeakMemory, peak_memory_mb
 
-    model = build_aggregator(name, IN_DIM, 2, seed=0, **params).eval()
-    x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(n))
+    model = build_aggregator(name, feature_dim(name), 2, seed=0, **params).eval()
+    inputs = bag(name, model, n)
     times, growth = [], []
     for _ in range(repeats):
         release_free_memory()
         with PeakMemory() as peak, torch.no_grad():
             start_rss = peak_memory_mb()  # the reset set the peak to the current RSS
             t0 = time.perf_counter()
-            model(x)
+            model(**inputs)
             times.append(time.perf_counter() - t0)
         growth.append(peak.mb - start_rss)
     return min(times), max(growth)
@@ -174,10 +201,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new", nargs="+", default=None, metavar="NAME",
                         help="section 4: only these of the new aggregators (default: all of them)")
+    parser.add_argument("--slide", nargs="+", default=None, metavar="NAME",
+                        help="section 5: only these slide encoders (default: all of them)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--only", choices=("all", "train", "inference", "new"), default="all",
-                        help="run only the training-throughput part, only inference and A+, or only the new "
-                             "aggregators' train step and inference (default: all)")
+    parser.add_argument("--only", choices=("all", "train", "inference", "new", "slide"), default="all",
+                        help="run only the training-throughput part, only inference and A+, only the new "
+                             "aggregators' train step and inference, or only the slide encoders (default: all)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.train_bags, args.train_instances, args.repeats = [500, 2_000], 2, 2_000, 1
@@ -196,6 +225,8 @@ def main() -> None:
         inference_section(args)
     if args.only in ("all", "new"):
         new_aggregators_section(args)
+    if args.only in ("all", "slide"):
+        slide_section(args)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
@@ -225,6 +256,8 @@ def inference_section(args: argparse.Namespace) -> None:
     print("| aggregator | " + " | ".join(f"N = {n:,}" for n in args.sizes) + " |")
     print("|---|" + "---|" * len(args.sizes))
     for name in AGGREGATORS.names():
+        if "encoder" in AGGREGATORS.get(name).defaults:
+            continue  # slide encoders: section 5, at their own feature size
         cells = []
         for n in args.sizes:
             seconds, mib = infer(name, n, repeats=1 if n >= 50_000 else args.repeats)
@@ -253,23 +286,24 @@ LIMIT_MIB = 24 * 1024  # the 24 GiB the cost columns are judged against
 
 
 def train_step(name: str, n: int) -> tuple[float, float]:
-    """Seconds and peak RSS growth (MiB) of one training step on a (1, n, 1024) bag, 2 classes."""
+    """Seconds and peak RSS growth (MiB) of one training step on a (1, n, D) bag, 2 classes (a probe's
+    step trains only its linear head, the encoder runs without gradient)."""
     import torch
     import torch.nn.functional as F
 
     from baselines.mil import AGGREGATORS, build_aggregator
     from bench.evaluation.costs import PeakMemory, peak_memory_mb
 
-    model = build_aggregator(name, IN_DIM, 2, seed=0).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(n))
+    model = build_aggregator(name, feature_dim(name), 2, seed=0).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = bag(name, model, n)
     label = torch.tensor([1])
     w = AGGREGATORS.get(name).aux_weight
     release_free_memory()
     with PeakMemory() as peak:
         start_rss = peak_memory_mb()
         t0 = time.perf_counter()
-        out = model(x, label=label)
+        out = model(**inputs, label=label)
         loss = F.cross_entropy(out.logits, label)
         if out.aux_loss is not None:
             loss = (1 - w) * loss + w * out.aux_loss
@@ -298,6 +332,55 @@ def new_aggregators_section(args: argparse.Namespace) -> None:
             fits = "yes" if max(tm, em) < LIMIT_MIB else "no (flag)"
             print(f"| {name} | {n:,} | {ts:.3f} | {tm:,.0f} | {ts / base_train:.1f} | {es:.3f} | {em:,.0f} | "
                   f"{es / base_eval:.1f} | {fits} |", flush=True)
+
+
+# ----------------------------------------------------------------------------- 5. slide encoders as aggregators
+
+
+def slide_need_mib(name: str, n: int) -> float:
+    """Memory a slide encoder's forward needs beyond its weights at n patches (estimate, MiB): TITAN's full
+    attention holds a float64 distance matrix (M, M), the float32 ALiBi bias (H, 1+M, 1+M) and its masked
+    copy; the others attend within segments or to a fixed set of latents (linear in n)."""
+    if name.removesuffix("-ft") != "titan":
+        return 0.0
+    t, heads = n + 1, 12
+    return (8 * n * n + 2 * 4 * heads * t * t) / 2**20
+
+
+def slide_section(args: argparse.Namespace) -> None:
+    from baselines.encoders_slide import SLIDE_ENCODERS
+    from baselines.mil import AGGREGATORS
+
+    names = [n for n in AGGREGATORS.names() if "encoder" in AGGREGATORS.get(n).defaults and not n.endswith("-ft")]
+    if args.slide:
+        names = [n for n in names if n in args.slide]
+    print("\n## slide encoders as aggregators (published sizes, random init, fp32), one bag of N patch features "
+          "at the encoder's own feature size: probe train step (linear head only), fine-tune train step, "
+          "eval forward; seconds and peak RSS growth (MiB); ratio = time / ABMIL's on N x 1024 in this run\n")
+    print("| slide encoder | D | N | probe step s | probe MiB | fine-tune step s | fine-tune MiB | x ABMIL | eval s | "
+          "eval MiB | x ABMIL | 24 GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        base_train, _ = train_step("abmil", n)
+        base_eval, _ = infer("abmil", n, repeats=1)
+        for name in names:
+            d = SLIDE_ENCODERS.get(AGGREGATORS.get(name).defaults["encoder"]).patch_dim
+            need = slide_need_mib(name, n)
+            if need > 0.8 * mem_available_mib() or need > LIMIT_MIB:
+                print(f"| {name} | {d} | {n:,} | skipped: needs >= {need / 1024:,.0f} GiB (full attention over "
+                      f"{n:,} tokens) | - | - | - | - | - | - | - | no (flag) |", flush=True)
+                continue
+            try:
+                ps, pm = train_step(name, n)
+                fs, fm = train_step(f"{name}-ft", n)
+                es, em = infer(name, n, repeats=1)
+            except (MemoryError, RuntimeError) as exc:
+                print(f"| {name} | {d} | {n:,} | failed: {type(exc).__name__}: {str(exc)[:60]} | - | - | - | - | - | "
+                      "- | - | no |", flush=True)
+                continue
+            fits = "yes" if max(pm, fm, em) < LIMIT_MIB else "no (flag)"
+            print(f"| {name} | {d} | {n:,} | {ps:.3f} | {pm:,.0f} | {fs:.3f} | {fm:,.0f} | {fs / base_train:.1f} | "
+                  f"{es:.3f} | {em:,.0f} | {es / base_eval:.1f} | {fits} |", flush=True)
 
 
 if __name__ == "__main__":

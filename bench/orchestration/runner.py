@@ -647,7 +647,11 @@ def check_methods(suite: Suite) -> None:
 
     for m in suite.methods:
         get_encoder(m.encoder)
-        AGGREGATORS.get(m.aggregator)
+        spec = AGGREGATORS.get(m.aggregator)
+        if m.paradigm != "two-stage" and getattr(spec.cls, "uses_coords", False):
+            raise ConfigError(f"{suite.source}: method {m.name!r}: aggregator {m.aggregator!r} needs the patches' grid "
+                              f"positions, which only the two-stage trainer passes; run it as "
+                              f"two-stage/<patch encoder>/{m.aggregator}")
     for m in suite.methods:  # a pretrained slide encoder only takes its own patch encoder's features
         defaults = AGGREGATORS.get(m.aggregator).defaults
         if m.paradigm == "two-stage" and "encoder" in defaults:

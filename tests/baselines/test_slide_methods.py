@@ -16,13 +16,15 @@ def _steps(model, n: int = 3) -> None:
     model.train()
     for _ in range(n):
         x = torch.randn(1, 17, model.in_dim, generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x).logits, torch.tensor([1]))
+        i = torch.arange(17.0)
+        grid = {"coords": torch.stack([i % 5, i // 5], dim=1)[None]} if model.uses_coords else {}  # TITAN, GigaPath
+        loss = torch.nn.functional.cross_entropy(model(x, **grid).logits, torch.tensor([1]))
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["feather", "chief", "prism"])
+@pytest.mark.parametrize("name", ["feather", "chief", "prism", "titan", "gigapath-slide"])
 def test_probe_trains_only_the_head_and_finetuning_trains_the_encoder(name):
     probe = build_aggregator(name, 12, 2, seed=0, config="tiny")
     tuned = build_aggregator(f"{name}-ft", 12, 2, seed=0, config="tiny")
@@ -75,8 +77,8 @@ def test_a_suite_pairs_a_published_slide_encoder_with_its_patch_encoder(tmp_path
     from bench.orchestration.runner import check_methods
     from bench.orchestration.suite import load_suite
 
-    def suite(encoder: str, init: str):
-        path = tmp_path / f"{encoder}-{init}.toml"
+    def suite(encoder: str, init: str, aggregator: str = "prism", paradigm: str = "two-stage"):
+        path = tmp_path / f"{encoder}-{init}-{aggregator}-{paradigm}.toml"
         path.write_text(f"""
 name = "pairing"
 seeds = [0]
@@ -87,9 +89,9 @@ classes = ["a", "b"]
 data = "D"
 split = {{ protocol = "holdout", ratios = [0.7, 0.3] }}
 [[methods]]
-paradigm = "two-stage"
+paradigm = "{paradigm}"
 encoder = "{encoder}"
-aggregator = "prism"
+aggregator = "{aggregator}"
 aggregator_params = {{ init = "{init}" }}
 """)
         return load_suite(path)
@@ -99,3 +101,8 @@ aggregator_params = {{ init = "{init}" }}
         check_methods(suite("uni", "published"))
     check_methods(suite("virchow", "published"))  # its own patch encoder: accepted
     check_methods(suite("uni", "random"))  # random init: the architecture alone, any features
+    check_methods(suite("gigapath", "published", "gigapath-slide"))
+    # TITAN and GigaPath read the patch grid, which only the two-stage trainer passes
+    with pytest.raises(ConfigError, match=r"aggregator 'titan' needs the patches' grid positions, which only the "
+                                          r"two-stage trainer passes; run it as two-stage/<patch encoder>/titan"):
+        check_methods(suite("resnet18-trunc", "random", "titan", "e2e"))
