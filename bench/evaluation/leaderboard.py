@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 from bench.common.errors import ConfigError, DataError, MissingFileError
 from bench.common.files import atomic_path, write_text_atomic
 from bench.data.layout import Layout
-from bench.evaluation.records import PREDICTIONS, RUN_FILE, format_interval, load_run
+from bench.evaluation.records import PREDICTIONS, RUN_FILE, SKIPPED_FILE, format_interval, load_run
 from bench.evaluation.training import CHECKPOINT_DIR
 
 if TYPE_CHECKING:
@@ -266,6 +266,45 @@ def unreadable_runs(workdir: Path, suite: str, records: Sequence[RunRecord]) -> 
         found.append(Unreadable(rel.parts[0] if len(rel.parts) > 1 else "", _shown_path(shown, workdir),
                                 _one_line(reason)))
     return found
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A run this machine could not run (an optional extra it lacks, e.g. 2DMamba's CUDA kernel)."""
+
+    dataset: str
+    method: str
+    split: str
+    reason: str
+    path: str
+    earlier_record: bool  # a run.json of an earlier attempt is beside it (and in the table)
+
+
+def skipped_runs(workdir: Path, suite: str) -> list[Skipped]:
+    """The `run-skipped.json` records under `runs/<suite>/`, with their reasons; damaged ones are left out."""
+    import json
+
+    root = Layout(workdir).runs_root(suite)
+    found = []
+    for path in sorted(root.rglob(SKIPPED_FILE)) if root.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or data.get("status") != "skipped":
+            continue
+        found.append(Skipped(str(data.get("dataset", "")), str(data.get("method", path.parent.name)),
+                             str(data.get("split", "")), _one_line(str(data.get("reason", ""))),
+                             _shown_path(path, workdir), (path.parent / RUN_FILE).is_file()))
+    return found
+
+
+def _skipped_lines(skipped: Sequence[Skipped]) -> list[str]:
+    if not skipped:
+        return []
+    return ["", "**Skipped runs** (this machine cannot run them; not in the table unless an earlier record is):", "",
+            *(f"- `{s.method}` `{s.split}`: {s.reason}" + (" (its earlier record is in the table)" if s.earlier_record
+                                                             else "") + f" — `{s.path}`" for s in skipped)]
 
 
 def _current_sha(path: str, workdir: Path) -> str | None:
@@ -910,6 +949,10 @@ def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bo
     by_dataset: dict[str, list[RunRecord]] = {}
     for r in records:
         by_dataset.setdefault(r.dataset, []).append(r)
+    skipped_of: dict[str, list[Skipped]] = {}
+    for sk in skipped_runs(workdir, suite):
+        skipped_of.setdefault(sk.dataset, []).append(sk)
+        by_dataset.setdefault(sk.dataset, [])
     unreadable_of: dict[str, list[Unreadable]] = {}
     for u in unreadable:
         unreadable_of.setdefault(u.dataset, []).append(u)
@@ -921,7 +964,7 @@ def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bo
         section, on_split, off = _dataset_section(recs, unreadable_of.get(dataset, []), workdir, suite, out_dir,
                                                   paper, reported, names.get(dataset, dataset),
                                                   (expectations or {}).get(dataset, ()))
-        lines += [*section, ""]
+        lines += [*section, *_skipped_lines(skipped_of.get(dataset, [])), ""]
         ranked_splits += on_split
         n_off += off
     lines += _footer(records, ranked_splits, n_off, len(unreadable), suite, workdir, out_dir, command)
@@ -929,4 +972,4 @@ def build_leaderboard(workdir: Path, suite: str, out_dir: Path, *, synthetic: bo
 
 
 __all__ = ["build_leaderboard", "load_reported", "measured_table", "compare", "pareto_front", "split_files",
-           "unreadable_runs", "MethodRow", "Comparison", "Unreadable", "SYNTHETIC_NOTE", "NOT_SIGNIFICANT"]
+           "unreadable_runs", "skipped_runs", "MethodRow", "Comparison", "Unreadable", "Skipped", "SYNTHETIC_NOTE", "NOT_SIGNIFICANT"]

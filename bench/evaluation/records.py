@@ -7,6 +7,7 @@
         *.safetensors        weights written by the trainer
         attention.h5         per-patch attention of the test slides (`bench heatmap`), where the model has it
         run-failed.json      a failed rerun, kept beside a finished run.json that it does not replace
+        run-skipped.json     a run this machine cannot run (e.g. 2DMamba without its CUDA kernel), with the reason
 
 `write_run` turns a trainer's `TrainResult` into a record: the test predictions get
 their bootstrap intervals here (`bench.evaluation.metrics.bootstrap_metrics`, patient-level,
@@ -51,6 +52,7 @@ SCHEMA = 1
 RUN_FILE = "run.json"
 # a failed rerun of a finished run: written beside run.json, which keeps the finished result
 FAILED_FILE = "run-failed.json"
+SKIPPED_FILE = "run-skipped.json"  # a run this machine cannot run (bench run writes it; the leaderboard lists it)
 PREDICTIONS = {"test": "predictions.csv", "val": "predictions-val.csv"}
 STATUSES = ("ok", "failed")
 
@@ -316,5 +318,5 @@ def runs_table(records: list[RunRecord]) -> str:
                                    "train s", "infer s/slide", "ended"], tablefmt="github")
 
 
-__all__ = ["RunRecord", "SCHEMA", "PREDICTIONS", "RUN_FILE", "FAILED_FILE", "split_tag", "write_run", "load_run", "iter_runs", "is_current",
+__all__ = ["RunRecord", "SCHEMA", "PREDICTIONS", "RUN_FILE", "FAILED_FILE", "SKIPPED_FILE", "split_tag", "write_run", "load_run", "iter_runs", "is_current",
            "runs_table", "format_interval"]

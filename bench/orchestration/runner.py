@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from bench import __version__
 from bench.common.console import info, warn
 from bench.evaluation.costs import StageTimer
+from bench.evaluation.records import SKIPPED_FILE
 from bench.common.errors import BenchError, ConfigError, MissingFileError, WriteError
 from bench.common.files import config_hash
 from bench.data.layout import Layout, mag_tag
@@ -586,9 +587,6 @@ def run_one(suite: Suite, prep: PreparedDataset, method: MethodSpec, seed: int, 
     return RunOutcome(ds.name, method.name, tag, status, run_dir, primary, error, record.path)
 
 
-SKIPPED_RECORD = "run-skipped.json"
-
-
 def _record_skipped(dataset: str, method: MethodSpec, tag: str, run_dir: Path, reason: str,
                     guard: Callable[[], None] | None) -> RunOutcome:
     """A method this machine cannot run (e.g. a GPU-only extra without its kernel): status "skipped" with the
@@ -598,7 +596,7 @@ def _record_skipped(dataset: str, method: MethodSpec, tag: str, run_dir: Path, r
     warn(f"[{dataset}] {method.name} {tag} skipped: {reason}")
     if guard is not None:
         guard()
-    path = Path(run_dir) / SKIPPED_RECORD
+    path = Path(run_dir) / SKIPPED_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"status": "skipped", "dataset": dataset, "method": method.name, "split": tag,
                              "reason": reason, "ended": _now()})

@@ -384,6 +384,42 @@ def test_unreadable_records_are_listed_on_the_board(tmp_path):
     assert str(tmp_path) not in text
 
 
+def test_skipped_runs_are_listed_with_their_reason_under_their_dataset(tmp_path):
+    work = tmp_path / "work"
+    task = make_task("classification", classes=("A", "B"))
+    frames = _classification(n=40)
+    layout = Layout(work)
+    _record(work, "train", "demo", task, "two-stage/r18/abmil", frames["two-stage/r18/abmil"])
+    _record(work, "train", "demo", task, "two-stage/r18/mean", frames["two-stage/r18/abmil"])
+
+    def skip(dataset: str, method: str, reason: str) -> Path:
+        run_dir = layout.run_dir("train", dataset, method, "holdout-seed0-fold0")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "run-skipped.json"  # as bench run writes it (runner._record_skipped)
+        path.write_text(json.dumps({"status": "skipped", "dataset": dataset, "method": method,
+                                    "split": "holdout-seed0-fold0", "reason": reason}))
+        return path
+
+    skip("demo", "two-stage/r18/2dmamba", "KernelUnavailable: aggregator '2dmamba' cannot run here: no CUDA")
+    skip("demo", "two-stage/r18/mean", "KernelUnavailable: no kernel this time")  # beside an earlier ok record
+    skip("other", "two-stage/r18/2dmamba", "KernelUnavailable: no CUDA")  # a dataset with nothing else
+    (layout.run_dir("train", "demo", "two-stage/r18/abmil", "holdout-seed0-fold0") / "run-skipped.json").write_text(
+        "{not json")  # damaged: left out, the board still renders
+    text = build_leaderboard(work, "train", tmp_path / "boards").read_text()
+    demo = _section(text, "## demo")
+    assert sorted(r["aggregator"] for r in _table_rows(demo)) == ["abmil", "mean"]
+    listed = demo.split("**Skipped runs** (this machine cannot run them; not in the table unless an earlier record "
+                        "is):")[1].strip().splitlines()
+    assert listed == [
+        "- `two-stage/r18/2dmamba` `holdout-seed0-fold0`: KernelUnavailable: aggregator '2dmamba' cannot run here: "
+        "no CUDA — `runs/train/demo/two-stage/r18/2dmamba/holdout-seed0-fold0/run-skipped.json`",
+        "- `two-stage/r18/mean` `holdout-seed0-fold0`: KernelUnavailable: no kernel this time (its earlier record is "
+        "in the table) — `runs/train/demo/two-stage/r18/mean/holdout-seed0-fold0/run-skipped.json`",
+    ]
+    other = _section(text, "## other")
+    assert "No readable record of this dataset." in other and "`two-stage/r18/2dmamba`" in other
+
+
 def test_only_unreadable_records_is_an_error_that_names_them(tmp_path):
     run_dir = Layout(tmp_path).run_dir("train", "demo", "two-stage/r18/abmil", "holdout-seed0-fold0")
     run_dir.mkdir(parents=True)
