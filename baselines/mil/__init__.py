@@ -102,11 +102,10 @@ del _s
 
 
 def register_slide_encoders() -> None:
-    """Every slide encoder whose architecture is implemented (baselines/slide), in both modes.
+    """Every slide encoder whose architecture is implemented (baselines/slide), in both modes (idempotent).
 
-    Idempotent. Called at the end of this package and again at the end of `baselines.slide`'s
-    `__init__`: the slide modules import `baselines.mil.base`, so when `baselines.slide` is imported
-    first this package runs while the architectures are not all registered yet.
+    The slide architectures import nothing of this package (shared ops live in `baselines.layers`), so
+    importing `baselines.slide` first or this package first registers the same set.
     """
     from baselines.mil.slide import SlideEncoderMIL
     from baselines.slide.base import SLIDE_ARCHS
@@ -125,7 +124,6 @@ def register_slide_encoders() -> None:
 
 
 register_slide_encoders()
-import baselines.slide  # noqa: E402,F401  (a no-op when it is mid-import; it then registers at its end)
 
 
 def build_aggregator(name: str, in_dim: int, n_outputs: int, seed: int | None = None, **params: Any) -> MILAggregator:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from baselines.layers import masked_softmax, xavier_init  # noqa: F401 (re-exported for the aggregators)
 from bench.common.checks import check_bool, check_choice, check_int, check_prob  # noqa: F401 (re-exported)
 from bench.common.errors import DataError
 
@@ -188,26 +189,6 @@ def input_projection(
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
-    """Softmax over `dim` that gives padded positions exactly zero weight.
-
-    `mask` broadcasts against `scores` (True = valid). Every bag has at least one
-    valid instance (check_bag), so no row is all -inf.
-    """
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=dim)
-
-
-def xavier_init(module: nn.Module) -> None:
-    """CLAM's initialisation (xavier-normal weights, zero biases) for every Linear."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
 
 class MILAggregator(nn.Module):

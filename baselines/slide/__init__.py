@@ -18,8 +18,4 @@ for _module in ("feather", "chief", "titan", "prism", "gigapath"):
             raise
 del _module
 
-from baselines.mil import register_slide_encoders  # noqa: E402  (each architecture as an aggregator)
-
-register_slide_encoders()
-
 __all__ = ["SLIDE_ARCHS", "SlideEncoder", "build_slide_arch"]

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines.mil.base import masked_softmax, xavier_init
+from baselines.layers import masked_softmax, xavier_init
 from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
 from baselines.slide.feather import GatedAttentionScores, drop_prefixed
 from bench.common.errors import ConfigError

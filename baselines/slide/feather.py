@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines.mil.base import masked_softmax
+from baselines.layers import masked_softmax
 from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
 from bench.common.errors import ConfigError
 

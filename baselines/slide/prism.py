@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.mil.base import masked_softmax
+from baselines.layers import masked_softmax
 from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
