@@ -34,8 +34,9 @@ On a one-row grid this is the 1D Mamba selective scan h[c] = dA[c] h[c-1] + dBx[
 column). `selective_scan_2d` runs it as a loop over the W columns (all rows, channels and states at
 once), then over the H rows: H + W sequential steps, O(H W E S) work and memory per layer (the state
 tensor (H, W, E, S) is materialised: at E = 256, S = 16 that is 4,096 numbers per cell, 16 MB per
-1,000 cells in float32, a few times that with autograd). `max_cells` guards against coords given in
-pixels instead of patch units.
+1,000 cells in float32, a few times that with autograd). Measured here (2 shared CPU cores, float32,
+the default config at in_dim 1024): forward + backward of one bag of 6,666 patches on a 100 x 100 grid
+16 s, peak RSS 2.6 GB. `max_cells` guards against coords given in pixels instead of patch units.
 
 Defaults (main.py): mambamil_dim 128, mambamil_layer 1, mambamil_state_dim 16, drop_out 0.25,
 mamba_2d_pad_token 'trainable' (torch.rand init); MambaConfig: expand 2, d_conv 4, dt_rank 'auto',
@@ -51,8 +52,9 @@ runs over every grid cell, empty ones included, as in their code; `attention` re
 cells' weights renormalised to sum to 1 over the bag's patches (the empty cells' share is not
 reported). With `pool="patches"` the softmax and the pooling run over the patches only.
 
-Grid placement: cell = floor(coords + 1e-6) minus the bag's minimum per axis (the authors divide level-0
-coords by the patch size with `//`); H x W is the bag's bounding box. Two patches in one cell are a
+Grid placement: cell = round(coords - the bag's minimum per axis); H x W is the bag's bounding box. (The
+authors floor absolute level-0 coords // patch size; for patches on a regular grid both give the same
+relative cells, and rounding after the shift is safe from the float32 round-off of coords / patch side.) Two patches in one cell are a
 DataError (the authors' scatter keeps one of them silently). Padded instances never enter the grid;
 each bag of a batch gets its own grid (the bags are processed one after another).
 
@@ -150,17 +152,20 @@ def scan_2d(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     Returns:
         h: (B, H, W, ...). W + H sequential steps, each vectorised over batch, the other axis and channels.
     """
-    width, height = inputs.shape[2], inputs.shape[1]
-    state = torch.zeros_like(inputs[:, :, 0])
+    # unbind, not per-step slicing: the backward of a slice writes into a zero tensor of the full size,
+    # W + H of them (quadratic); unbind's backward stacks the step gradients once
+    # the scanned axis is moved to the front first, so that every step works on a contiguous slice
+    decay_c = decay.movedim(2, 0).contiguous()  # (W, B, H, ...)
+    state = torch.zeros_like(decay_c[0])
     columns = []
-    for c in range(width):
-        state = decay[:, :, c] * state + inputs[:, :, c]
+    for a_c, x_c in zip(decay_c.unbind(0), inputs.movedim(2, 0).contiguous().unbind(0)):
+        state = a_c * state + x_c
         columns.append(state)
     hor = torch.stack(columns, dim=2)  # (B, H, W, ...)
-    state = torch.zeros_like(inputs[:, 0])
+    state = torch.zeros_like(hor[:, 0])
     rows = []
-    for r in range(height):
-        state = decay[:, r] * state + hor[:, r]
+    for a_r, x_r in zip(decay.unbind(1), hor.unbind(1)):  # slices along H are contiguous already
+        state = a_r * state + x_r
         rows.append(state)
     return torch.stack(rows, dim=1)
 
@@ -351,8 +356,7 @@ class Mamba2DMIL(MILAggregator):
 
     def grid_cells(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Rows, columns (N,) long and the bounding box (H, W) of one bag's patches; coords (N, 2) = (column, row)."""
-        cells = torch.floor(coords.detach() + 1e-6).long()
-        cells = cells - cells.min(dim=0).values
+        cells = torch.round(coords.detach() - coords.detach().min(dim=0).values).long()  # (N, 2)
         cols, rows = cells[:, 0], cells[:, 1]
         height, width = int(rows.max()) + 1, int(cols.max()) + 1
         if height * width > self.max_cells:

@@ -126,6 +126,9 @@ def test_the_grid_position_matters_but_the_order_and_the_offset_do_not():
     perm = torch.randperm(9)
     assert torch.allclose(model(x[:, perm], coords=coords[:, perm]).logits, ref, rtol=0, atol=1e-12)
     assert torch.allclose(model(x, coords=coords - 10.0).logits, ref, rtol=0, atol=1e-12)
+    # a tiling origin that is not a multiple of the patch side (fractional grid positions), float32 round-off
+    shifted = (coords + 0.9999).float().to(D64)
+    assert torch.allclose(model(x, coords=shifted).logits, ref, rtol=0, atol=1e-12)
     occupied = {(int(c), int(r)) for c, r in coords[0].tolist()}
     free = next((c, r) for r in range(5, 8) for c in range(10, 14) if (c, r) not in occupied)
     moved = coords.clone()
