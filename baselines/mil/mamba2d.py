@@ -80,7 +80,9 @@ two scans above. Gradients were not compared with theirs (their Python scan's ba
 The CUDA kernel (`scan_impl="cuda"`, or `"auto"` where it imports): the authors' `v2dmamba_scan`
 module (`cuda_kernel/build.sh`), called as their `pscan_2d.SelectiveScanFn` does
 (fwd(u, delta, A, B, C, D, z, delta_bias, softplus, H, W, False), fused softplus and SiLU(z) gate).
-Not run here (no CUDA machine with the kernel built): that path is untested. Without the kernel
+It takes CUDA float32/float16 tensors; on others (CPU, float64) the plain-torch scan runs. Not run
+here (no CUDA machine with the kernel built): only the call's plumbing is tested, against a stand-in
+kernel computing the scan above (forward only; the kernel's backward is not). Without the kernel
 `scan_impl="cuda"` raises `KernelUnavailable` (a ConfigError, `skip_run`), which `bench run` records
 as a skipped method.
 """
@@ -186,6 +188,11 @@ def selective_scan_2d(u: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, b: 
     return torch.einsum("bhwes,bhws->bhwe", h, c) + d * u
 
 
+def _kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the authors' kernel takes `x`: CUDA float32/float16 (else the plain-torch scan runs)."""
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16)
+
+
 class _KernelScan(torch.autograd.Function):
     """The authors' CUDA scan with fused softplus(delta + bias) and SiLU(z) gate (their SelectiveScanFn)."""
 
@@ -249,7 +256,7 @@ class Mamba2DMixer(nn.Module):
         x = F.silu(seq.transpose(1, 2).reshape(bs, height, width, -1))
         dt, b, c = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         a = -torch.exp(self.A_log)
-        if kernel is not None and x.is_cuda:
+        if kernel is not None and _kernel_applies(x):
             flat = lambda t: t.reshape(bs, height * width, -1).transpose(1, 2).contiguous()  # noqa: E731
             delta = self.dt_proj.weight @ flat(dt)  # (B, E, H*W); bias and softplus fused in the kernel
             y = _KernelScan.apply(kernel, flat(x), delta.contiguous(), a.float().contiguous(),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -191,6 +193,29 @@ def test_the_cuda_scan_without_the_kernel_names_what_is_missing_and_the_pip_inst
         Mamba2DMIL(16, 2, scan_impl="cuda")
     assert issubclass(KernelUnavailable, ConfigError) and KernelUnavailable.skip_run is True
     assert not Mamba2DMIL(16, 2, scan_impl="auto").uses_kernel  # auto falls back to the torch scan
+
+
+def test_the_kernel_call_passes_the_authors_layout(monkeypatch):
+    """A stand-in for v2dmamba_scan.fwd that computes the torch scan from the kernel's (B, E, H*W) layout,
+    with its fused softplus(delta + bias) and SiLU(z) gate: the kernel path then gives the torch path's output."""
+
+    def fwd(u, delta, a, b, c, d, z, delta_bias, softplus, height, width, out_float):
+        assert softplus and not out_float and b.shape[1] == 1 and u.is_contiguous()
+        grid = lambda t: t.transpose(1, 2).reshape(t.shape[0], height, width, -1)  # noqa: E731
+        dl = torch.nn.functional.softplus(delta + delta_bias[:, None])
+        y = selective_scan_2d(grid(u), grid(dl), a, grid(b[:, 0]), grid(c[:, 0]), d)
+        out = y.reshape(y.shape[0], height * width, -1).transpose(1, 2)
+        return [out, None, out * torch.nn.functional.silu(z)]
+
+    monkeypatch.setitem(sys.modules, mamba2d.KERNEL_MODULE, types.SimpleNamespace(fwd=fwd))
+    monkeypatch.setattr(mamba2d, "_kernel_applies", lambda x: True)
+    model = tiny().float()
+    x, coords = bag()
+    with torch.no_grad():
+        ref = model(x.float(), coords=coords).logits
+        model.uses_kernel = True
+        out = model(x.float(), coords=coords).logits
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5)
 
 
 def test_each_missing_piece_is_named(monkeypatch):
