@@ -57,6 +57,8 @@ POOLINGS = ("avg", "cls", "mean", "cls+mean", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("bilinear", "bicubic")
 WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub", "custom")
+# Formats whose published checkpoint is converted to the timm architecture's keys (baselines.convert).
+CONVERTED_FORMATS = ("transformers", "torch-hub")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 _HUB_ID = re.compile(r"^hf[-_]hub:([A-Za-z0-9][\w.-]*/[\w.-]+)$")
@@ -101,10 +103,12 @@ class EncoderSpec:
         magnification: the magnification the encoder was trained at, as its card states it.
         licence: the weights' licence (gated ones also need the terms accepted on the model page).
         source_note: which facts were looked up where.
-        weights_format: "timm" (loadable here); "transformers" or "torch-hub" when the published
-            checkpoint is not a timm state dict (only the architecture is registered, no converter yet);
-            "custom": the authors' own module's state dict, whose keys are not checked against the
-            architecture built here (`HARNESS_ARCHS`), so it is not loaded either.
+        weights_format: "timm" (a timm state dict / timm Hub repo); "transformers" (a Hugging Face
+            ViTModel/Dinov2Model checkpoint) or "torch-hub" (an original DINOv2 module's state dict): converted
+            to `architecture`'s keys by `baselines.convert` and loaded strictly (a transformers config.json beside
+            the weights is checked against the architecture); "custom": the authors' own module's state dict,
+            whose keys are not checked against the architecture built here (`HARNESS_ARCHS`), so it is not
+            loaded.
         hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`).
     """
 
@@ -232,12 +236,14 @@ class EncoderSpec:
         source = weights if isinstance(weights, WeightsSource) else self.resolve_weights(
             weights, random_init=random_init, cache_dir=cache_dir)
         backbone, removed = self._backbone(source, seed, cache_dir)
+        if self.weights_format in CONVERTED_FORMATS and source.kind in ("file", "dir", "hf-cache", "hub"):
+            self._load_converted(backbone, source)
         # timm's hf-hub/local-dir loaders already loaded Hub models; everything else loads here
-        if source.kind == "file" or (source.kind in ("hf-cache", "hub") and (not self.is_hub or self.hub_filename)):
+        elif source.kind == "file" or (source.kind in ("hf-cache", "hub") and not self._timm_loads_hub):
             assert source.path is not None
             load_into(backbone, load_state_dict_file(source.path), what=f"encoder {self.name!r} ({source.path})",
                       ignore_prefixes=_CLASSIFIER_PREFIXES + tuple(f"{s}." for s in removed))
-        if self.is_hub and self.hub_filename is None and source.kind in ("hf-cache", "hub", "dir"):
+        if self._timm_loads_hub and source.kind in ("hf-cache", "hub", "dir"):
             self._warn_if_normalisation_differs(backbone)
         encoder = PatchEncoder(backbone, self.pooling, self.embed_dim, self.name, source.weights_id,
                                seed if source.kind == "random-init" else None)
@@ -256,6 +262,43 @@ class EncoderSpec:
         if not trainable:
             model.eval().requires_grad_(False)
         return LoadedEncoder(model, self.transform(), self.precision, model.weights_id, self)
+
+    @property
+    def _timm_loads_hub(self) -> bool:
+        """The Hub repo is a timm repo: timm's `hf-hub:` loader builds and loads it from its config.json."""
+        return self.is_hub and self.hub_filename is None and self.weights_format == "timm"
+
+    def _load_converted(self, backbone: torch.nn.Module, source: WeightsSource) -> None:
+        """Load a transformers / torch-hub checkpoint into the timm architecture (`baselines.convert`), strictly.
+
+        The weights file is the source's file, or the snapshot folder's model.safetensors/pytorch_model.bin; a
+        transformers config.json beside it is checked against the architecture first.
+        """
+        import json
+
+        from baselines.convert import check_hf_config, convert_state_dict, detect_kind
+        from bench.common.console import warn
+
+        assert source.path is not None
+        path = snapshot_weights_file(source.path) if source.kind == "dir" else source.path
+        what = f"encoder {self.name!r} ({path})"
+        state = load_state_dict_file(path)
+        kind = detect_kind(state)
+        expected = "torch-hub-dinov2" if self.weights_format == "torch-hub" else ("transformers-vit",
+                                                                                  "transformers-dinov2")
+        if kind not in expected:
+            raise ConfigError(f"{what}: the weights look like a {kind} checkpoint but the entry's weights_format is "
+                              f"{self.weights_format!r}; fix weights_format or pass the right file")
+        config_file = path.parent / "config.json"
+        if kind.startswith("transformers") and config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{what}: cannot read {config_file}: {exc}") from None
+            for message in check_hf_config(config, backbone, what=what):
+                warn(message)
+        converted = convert_state_dict(kind, state, target=backbone.state_dict(), what=what)
+        load_into(backbone, converted, what=what)
 
     def _warn_if_normalisation_differs(self, backbone: torch.nn.Module) -> None:
         """The spec's mean/std are what the transform uses; say so when the Hub config disagrees."""
@@ -282,7 +325,7 @@ class EncoderSpec:
                 raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, "
                                   "not both")
             return random_source()
-        if self.weights_format != "timm":
+        if self.weights_format not in CONVERTED_FORMATS + ("timm",):
             raise ConfigError(
                 f"encoder {self.name!r}: its published weights ({self.hub_repo or self.source}) are a "
                 f"{self.weights_format} checkpoint, not a timm state dict, and this harness has no converter for "
@@ -293,6 +336,8 @@ class EncoderSpec:
         if self.is_hub:
             files = (self.hub_filename,) if self.hub_filename else HUB_WEIGHT_FILES
             try:
+                # a timm repo's config.json is what timm builds from; a transformers repo's is checked against
+                # the registered architecture (baselines.convert.check_hf_config)
                 return hub_source(str(self.hub_repo), encoder=self.name, gated=self.gated,
                                   need_config=self.hub_filename is None, revision=self.revision,
                                   filenames=files, cache_dir=cache_dir)
@@ -321,9 +366,9 @@ class EncoderSpec:
         kwargs = {"num_classes": 0, **_resolve_layers(self.timm_kwargs)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init (and timm's init before loading) is reproducible
-            if self.is_hub and self.hub_filename is None and source.kind in ("hf-cache", "hub"):
+            if self._timm_loads_hub and source.kind in ("hf-cache", "hub"):
                 model = timm.create_model(f"hf-hub:{source.hub_ref}", pretrained=True, cache_dir=cache_dir, **kwargs)
-            elif source.kind == "dir":
+            elif source.kind == "dir" and self.weights_format == "timm":
                 snapshot_weights_file(source.path)  # type: ignore[arg-type]
                 model = timm.create_model(f"local-dir:{source.path}", pretrained=True, **kwargs)
             else:
