@@ -113,9 +113,12 @@ def test_the_shipped_file_is_what_was_registered():
     assert REGISTRY_FILE.name == "encoders.toml" and REGISTRY_FILE.parent.name == "baselines"
 
 
-def test_transformers_checkpoints_say_they_cannot_load_yet_but_random_init_builds():
-    with pytest.raises(ConfigError, match=r"'phikon': its published weights \(owkin/phikon\) are a transformers "
-                                          r"checkpoint.*Licence: other"):
+def test_transformers_checkpoints_are_looked_up_on_the_hub_and_random_init_builds(tmp_path, monkeypatch):
+    """Converted formats (baselines/convert.py) resolve like timm Hub repos; offline without a cache the message
+    names the pinned repo, the licence and the model page."""
+    hub_file_cache(tmp_path, monkeypatch, "other/repo", "x.pth", {"a": torch.zeros(1)})
+    with pytest.raises(WeightsUnavailable, match=r"'phikon' from Hugging Face repo owkin/phikon.*offline.*"
+                                                 r"Licence of 'phikon': other"):
         get_encoder("phikon").resolve_weights()
     assert get_encoder("phikon").resolve_weights(random_init=True).kind == "random-init"
 
