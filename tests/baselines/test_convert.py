@@ -341,3 +341,29 @@ def test_torch_hub_file_in_a_hub_repo_loads_offline(tmp_path, monkeypatch, regis
     with pytest.raises(ConfigError, match=r"look like a transformers-vit checkpoint but the entry's weights_format is "
                                           r"'torch-hub'"):
         build_encoder("tiny-hub", bad)
+
+
+# config.json files as published (read on the Hub pages named in encoders.toml; only the fields compared)
+PUBLISHED_CONFIGS = {
+    # huggingface.co/owkin/phikon/blob/e9ad8d13dfecc267131006c852b537fde98e151c/config.json
+    "phikon": {"model_type": "vit", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "intermediate_size": 3072, "patch_size": 16, "image_size": 224, "qkv_bias": True,
+               "hidden_act": "gelu", "layer_norm_eps": 1e-12},
+    # huggingface.co/histai/hibou-b/blame/main/config.json (commit 5cc6343)
+    "hibou-b": {"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "mlp_ratio": 4, "patch_size": 14, "image_size": 224, "qkv_bias": True, "num_register_tokens": 4,
+                "use_swiglu_ffn": True, "layerscale_value": 1.0, "layer_norm_eps": 1e-6},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_registered_architecture_matches_the_published_config(name):
+    from baselines.encoders import get_encoder
+    from baselines.weights import random_source
+
+    with torch.device("meta"):
+        backbone, _ = get_encoder(name)._backbone(random_source(), 0, None)
+    warnings = check_hf_config(PUBLISHED_CONFIGS[name], backbone, what=name)
+    assert warnings == ([] if name != "phikon" else [warnings[0]])
+    if name == "phikon":
+        assert "layer_norm_eps = 1e-12" in warnings[0]
