@@ -1,6 +1,6 @@
 """2DMamba (Zhang et al., CVPR 2025): a 2D selective state-space scan over the patch-feature grid.
 
-Registry name `2dmamba` (the ABMILX paper's Table 1 baseline). Plain torch; the authors' CUDA kernel is
+Registry name `2dmamba`, once registered in baselines/mil/__init__.py (the ABMILX paper's Table 1 baseline). Plain torch; the authors' CUDA kernel is
 optional (`scan_impl="cuda"` / `"auto"`).
 
 Source (read, not copied): AtlasAnalyticsLab/2DMamba at commit 9fe12aaa866ddbb83b66acc4ef400abf8613ce6a,
