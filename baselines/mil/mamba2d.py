@@ -1,7 +1,7 @@
 """2DMamba (Zhang et al., CVPR 2025): a 2D selective state-space scan over the patch-feature grid.
 
-Registry name `2dmamba`, once registered in baselines/mil/__init__.py (the ABMILX paper's Table 1 baseline). Plain torch; the authors' CUDA kernel is
-optional (`scan_impl="cuda"` / `"auto"`).
+Registry name `2dmamba` once registered in baselines/mil/__init__.py (the ABMILX paper's Table 1
+baseline). Plain torch; the authors' CUDA kernel is optional (`scan_impl="cuda"` / `"auto"`).
 
 Source (read, not copied): AtlasAnalyticsLab/2DMamba at commit 9fe12aaa866ddbb83b66acc4ef400abf8613ce6a,
 `2DMambaMIL/models/MambaMIL_2D.py` (MambaMIL_2D), `2DMambaMIL/models/mamba_simple.py` (MambaConfig, Mamba,
