@@ -19,7 +19,7 @@
 3. ABMILX with the naive A+ (explicit N x N) next to the scalable A+ (SDPA).
    The naive path is skipped where its N x N matrices would not fit in memory.
 4. The aggregators added for issue 19 (RRT-MIL, WiKG, CLAM-MB, DTFD-MIL, maxmil,
-   abmilx-feat): one training step (forward with the label, task + auxiliary loss,
+   abmilx-feat, 2DMamba with a square patch grid): one training step (forward with the label, task + auxiliary loss,
    backward, AdamW step) and one eval forward at each N, seconds and peak RSS growth,
    next to ABMIL measured in the same run (the ratio column); a step that fails for
    memory, or whose peak would pass 24 GiB (the target machine), is flagged.
@@ -27,7 +27,9 @@
    encoder), published sizes with random weights, on bags at each encoder's own feature
    size (TITAN and GigaPath with a square patch grid): a probe step, a fine-tuning step
    and an eval forward, next to ABMIL on N x 1024; TITAN's full attention is skipped and
-   flagged where its estimated need passes the machine's memory.
+   flagged where its estimated need passes the machine's memory, and any step whose peak,
+   extrapolated linearly from the last size it ran at, would pass 24 GiB (or 80% of the free
+   memory) is skipped and flagged with that estimate (a lower bound).
 
 Run: .venv/bin/python benchmarks/bench_aggregators.py [--quick] [--sizes 1000 10000 50000]
 """
@@ -43,6 +45,7 @@ import gc
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +284,7 @@ def inference_section(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- 4. the aggregators of issue 19
 
-NEW_AGGREGATORS = ("rrt-mil", "wikg", "clam-mb", "dtfd-mil", "maxmil", "abmilx-feat")
+NEW_AGGREGATORS = ("rrt-mil", "wikg", "clam-mb", "dtfd-mil", "maxmil", "abmilx-feat", "2dmamba")
 LIMIT_MIB = 24 * 1024  # the 24 GiB the cost columns are judged against
 
 
@@ -314,24 +317,45 @@ def train_step(name: str, n: int) -> tuple[float, float]:
     return seconds, peak.mb - start_rss
 
 
+class Guard:
+    """Runs a measurement unless the peak it would reach, extrapolated linearly from the last size the same
+    measurement ran at, passes 24 GiB or 80% of the free memory (a lower bound: attention memory grows
+    faster than linearly); then it is skipped and flagged with that estimate."""
+
+    def __init__(self) -> None:
+        self.measured: dict[str, tuple[int, float]] = {}  # key -> (N, MiB) of the last size that ran
+
+    def run(self, key: str, n: int, step: Callable[[], tuple[float, float]]) -> tuple[str, str, float | None, float]:
+        """(seconds cell, MiB cell, seconds or None, MiB or the estimate / inf) of `step` at n instances."""
+        if key in self.measured:
+            n0, mib0 = self.measured[key]
+            need = mib0 * n / n0
+            if need > min(0.8 * mem_available_mib(), LIMIT_MIB):
+                return f"skipped: >= {need / 1024:,.0f} GiB (x{n / n0:.0f} of N = {n0:,})", "-", None, need
+        try:
+            seconds, mib = step()
+        except (MemoryError, RuntimeError) as exc:  # an allocation that does not fit
+            return f"failed: {type(exc).__name__}", "-", None, math.inf
+        self.measured[key] = (n, max(mib, 1.0))
+        return f"{seconds:.3f}", f"{mib:,.0f}", seconds, mib
+
+
 def new_aggregators_section(args: argparse.Namespace) -> None:
     print("\n## aggregators of issue 19: one training step / one eval forward on a bag of N x 1024, "
           "seconds and peak RSS growth (MiB); ratio = time / ABMIL's in this run\n")
     print("| aggregator | N | train step s | train MiB | x ABMIL | eval s | eval MiB | x ABMIL | 24 GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
+    guard = Guard()
     for n in args.sizes:
         base_train, _ = train_step("abmil", n)
         base_eval, _ = infer("abmil", n, repeats=1)
         for name in args.new or NEW_AGGREGATORS:
-            try:
-                ts, tm = train_step(name, n)
-                es, em = infer(name, n, repeats=1)
-            except (MemoryError, RuntimeError) as exc:  # an allocation that does not fit
-                print(f"| {name} | {n:,} | failed: {type(exc).__name__} | - | - | - | - | - | no |", flush=True)
-                continue
-            fits = "yes" if max(tm, em) < LIMIT_MIB else "no (flag)"
-            print(f"| {name} | {n:,} | {ts:.3f} | {tm:,.0f} | {ts / base_train:.1f} | {es:.3f} | {em:,.0f} | "
-                  f"{es / base_eval:.1f} | {fits} |", flush=True)
+            ts, tm, tsec, tmib = guard.run(f"{name} train", n, lambda: train_step(name, n))
+            es, em, esec, emib = guard.run(f"{name} eval", n, lambda: infer(name, n, repeats=1))
+            fits = "yes" if max(tmib, emib) < LIMIT_MIB else "no (flag)"
+            t_ratio = f"{tsec / base_train:.1f}" if tsec is not None else "-"
+            e_ratio = f"{esec / base_eval:.1f}" if esec is not None else "-"
+            print(f"| {name} | {n:,} | {ts} | {tm} | {t_ratio} | {es} | {em} | {e_ratio} | {fits} |", flush=True)
 
 
 # ----------------------------------------------------------------------------- 5. slide encoders as aggregators
@@ -360,6 +384,8 @@ def slide_section(args: argparse.Namespace) -> None:
     print("| slide encoder | D | N | probe step s | probe MiB | fine-tune step s | fine-tune MiB | x ABMIL | eval s | "
           "eval MiB | x ABMIL | 24 GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    guard = Guard()
+
     for n in args.sizes:
         base_train, _ = train_step("abmil", n)
         base_eval, _ = infer("abmil", n, repeats=1)
@@ -370,17 +396,14 @@ def slide_section(args: argparse.Namespace) -> None:
                 print(f"| {name} | {d} | {n:,} | skipped: needs >= {need / 1024:,.0f} GiB (full attention over "
                       f"{n:,} tokens) | - | - | - | - | - | - | - | no (flag) |", flush=True)
                 continue
-            try:
-                ps, pm = train_step(name, n)
-                fs, fm = train_step(f"{name}-ft", n)
-                es, em = infer(name, n, repeats=1)
-            except (MemoryError, RuntimeError) as exc:
-                print(f"| {name} | {d} | {n:,} | failed: {type(exc).__name__}: {str(exc)[:60]} | - | - | - | - | - | "
-                      "- | - | no |", flush=True)
-                continue
-            fits = "yes" if max(pm, fm, em) < LIMIT_MIB else "no (flag)"
-            print(f"| {name} | {d} | {n:,} | {ps:.3f} | {pm:,.0f} | {fs:.3f} | {fm:,.0f} | {fs / base_train:.1f} | "
-                  f"{es:.3f} | {em:,.0f} | {es / base_eval:.1f} | {fits} |", flush=True)
+            ps, pm, _, pmib = guard.run(f"{name} probe", n, lambda: train_step(name, n))
+            fs, fm, fsec, fmib = guard.run(f"{name} ft", n, lambda: train_step(f"{name}-ft", n))
+            es, em, esec, emib = guard.run(f"{name} eval", n, lambda: infer(name, n, repeats=1))
+            fits = "yes" if max(pmib, fmib, emib) < LIMIT_MIB else "no (flag)"
+            f_ratio = f"{fsec / base_train:.1f}" if fsec is not None else "-"
+            e_ratio = f"{esec / base_eval:.1f}" if esec is not None else "-"
+            print(f"| {name} | {d} | {n:,} | {ps} | {pm} | {fs} | {fm} | {f_ratio} | {es} | {em} | {e_ratio} | {fits} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Example:
 
 Registered names (`bench aggregators` lists them with sizes and defaults):
 mean, max, maxmil, abmil (gated), abmil-plain, clam-sb, transmil, dsmil, gma, abmilx, abmilx-feat,
-clam-mb, rrt-mil, wikg, dtfd-mil.
-Every model projects the features to `hidden_dim` (512) first and follows the
+clam-mb, rrt-mil, wikg, dtfd-mil, 2dmamba (its authors' 128-d inner size), and every slide encoder of
+baselines/slide as `<name>` (probe) and `<name>-ft` (fine-tuned).
+Every other model projects the features to `hidden_dim` (512) first and follows the
 interface of `baselines.mil.base` (MILOutput; how the trainer weighs `aux_loss`).
 """
 
@@ -34,6 +35,7 @@ from baselines.mil.clam_mb import CLAMMB
 from baselines.mil.dsmil import DSMIL
 from baselines.mil.dtfd import DTFDMIL
 from baselines.mil.gma import GMA
+from baselines.mil.mamba2d import Mamba2DMIL
 from baselines.mil.pooling import MaxPoolMIL, MeanPoolMIL
 from baselines.mil.rrt import RRTMIL
 from baselines.mil.transmil import TransMIL
@@ -96,6 +98,8 @@ for _s in (
     _spec("rrt-mil", RRTMIL, "regional re-embedding transformer (R-MSA + CR-MSA) + ABMIL (Tang et al. 2024)"),
     _spec("wikg", WiKG, "dynamic top-k graph, knowledge-aware attention, attention readout (Li et al. 2024)"),
     _spec("dtfd-mil", DTFDMIL, "double-tier feature distillation over pseudo-bags, AFS (Zhang et al. 2022)"),
+    _spec("2dmamba", Mamba2DMIL, "2D selective state-space scan over the patch grid + attention pooling "
+          "(Zhang et al. 2025)"),
 ):
     AGGREGATORS.register(_s.name, _s)
 del _s

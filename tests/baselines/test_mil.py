@@ -26,6 +26,17 @@ SLIDE = {n for n in NAMES if "encoder" in AGGREGATORS.get(n).defaults}
 
 # PRISM's img_norm normalises the 512 image latents, which its slide embedding (the first latent) never uses
 UNUSED_BY_EMBEDDING = {"prism": "encoder.img_norm."}
+# Biases that add the same constant to every score of a softmax over instances (the last layer of an attention
+# scorer; a key bias, q.(k + b) = q.k + q.b): their gradient is zero up to round-off, by the softmax's shift
+# invariance. The gradient test asserts exactly that for them.
+SHIFT_BIASES = {
+    "abmil": {"scorer.w.bias"}, "abmil-plain": {"scorer.w.bias"}, "clam-sb": {"scorer.w.bias"},
+    "clam-mb": {"scorer.w.bias"}, "gma": {"scorer.w.bias"}, "wikg": {"readout.2.bias"},
+    "dtfd-mil": {"attention1.w.bias", "attention2.w.bias"}, "abmilx-feat": {"attention_mlp.2.bias", "w_k.bias"},
+    "rrt-mil": {"rmsa.attn.pe.bias"}, "2dmamba": {"attention.2.bias"},
+    "chief-ft": {"encoder.attention_net.3.attention_c.bias"}, "feather-ft": {"encoder.global_attn.attention_c.bias"},
+    "feather-uni2-ft": {"encoder.global_attn.attention_c.bias"},
+}
 
 
 GRID_WIDTH = 8  # test bags of aggregators with `uses_coords` lie row-major on a grid 8 patches wide
@@ -56,11 +67,12 @@ def small(name: str, n_outputs: int = 3, **params) -> MILAggregator:
 
 def test_registry_holds_every_aggregator_of_the_design():
     assert set(NAMES) - SLIDE == {"mean", "max", "abmil", "abmil-plain", "clam-sb", "transmil", "dsmil", "gma",
-                                  "abmilx", "clam-mb", "rrt-mil", "wikg", "dtfd-mil", "maxmil", "abmilx-feat"}
+                                  "abmilx", "clam-mb", "rrt-mil", "wikg", "dtfd-mil", "maxmil", "abmilx-feat",
+                                  "2dmamba"}
     from baselines.slide import SLIDE_ARCHS
 
     assert SLIDE == {m for n in SLIDE_ARCHS.names() for m in (n, f"{n}-ft")}  # every implemented one, both modes
-    for name in ("transmil", "rrt-mil", "dtfd-mil"):  # regions / pseudo-bags follow the instance order
+    for name in ("transmil", "rrt-mil", "dtfd-mil", "2dmamba"):  # regions / pseudo-bags / the grid scan: order
         assert not AGGREGATORS.get(name).permutation_invariant, name
     for name in ("mean", "max", "maxmil", "abmil", "abmil-plain", "gma", "abmilx", "clam-mb", "wikg"):
         assert AGGREGATORS.get(name).permutation_invariant, name
@@ -104,7 +116,9 @@ def test_shapes_no_nan_and_attention_is_a_distribution(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_parameter_receives_a_gradient(name):
     model = small(name).train()
-    x = torch.randn(3, 20, IN_DIM)
+    # fixed inputs: a bias that shifts every score before a softmax (ABMIL's w, WiKG's readout, CHIEF's
+    # attention_c) has a zero gradient up to round-off, which must not depend on the test order
+    x = torch.randn(3, 20, IN_DIM, generator=torch.Generator().manual_seed(0))
     label = torch.tensor([0, 1, 2])  # every class, so each CLAM instance classifier is used
     out = model(x, label=label)
     loss = out.logits.square().sum()
@@ -112,9 +126,14 @@ def test_every_parameter_receives_a_gradient(name):
         loss = loss + out.aux_loss
     loss.backward()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a probe trains only its head
+    shift = SHIFT_BIASES.get(name, set())
+    assert shift <= {n for n, _ in trained}, f"{name}: {shift - {n for n, _ in trained}} not parameters"
     missing = [n for n, p in trained if (p.grad is None or not bool((p.grad != 0).any()))
-               and not n.startswith(UNUSED_BY_EMBEDDING.get(name.removesuffix("-ft"), "-"))]
+               and n not in shift and not n.startswith(UNUSED_BY_EMBEDDING.get(name.removesuffix("-ft"), "-"))]
     assert not missing, f"{name}: no gradient for {missing}"
+    scale = max(float(p.grad.abs().max()) for _, p in trained if p.grad is not None)
+    not_shift = [n for n, p in trained if n in shift and p.grad is not None and float(p.grad.abs().max()) > 1e-5 * scale]
+    assert not not_shift, f"{name}: {not_shift} get a real gradient: not a softmax shift"
     assert all(torch.isfinite(p.grad).all() for _, p in trained if p.grad is not None)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
@@ -221,14 +240,15 @@ def test_bad_input_gives_clear_errors(name):
 USES_COORDS = [n for n in NAMES if AGGREGATORS.get(n).cls.uses_coords]
 
 
-def test_the_coords_users_are_the_slide_encoders_with_positions():
-    assert {n.removesuffix("-ft") for n in USES_COORDS} == {"titan", "gigapath-slide"}
+def test_the_coords_users_are_2dmamba_and_the_slide_encoders_with_positions():
+    assert {n.removesuffix("-ft") for n in USES_COORDS} == {"titan", "gigapath-slide", "2dmamba"}
     assert all(not AGGREGATORS.get(n).permutation_invariant for n in USES_COORDS)
 
 
 @pytest.mark.parametrize("name", USES_COORDS)
 def test_coords_users_need_coords_and_see_them(name):
-    model = build_aggregator(name, IN_DIM, 3, seed=1, config="tiny").double().eval()  # no default-grid hook
+    tiny = {"config": "tiny"} if name in SLIDE else SMALL
+    model = build_aggregator(name, IN_DIM, 3, seed=1, **tiny).double().eval()  # no default-grid hook
     x = torch.randn(1, 20, IN_DIM, dtype=torch.double)
     with pytest.raises(DataError, match=r"needs the patches' grid positions: call it with coords"):
         model(x)
@@ -245,7 +265,7 @@ def test_coords_users_need_coords_and_see_them(name):
     # translating the whole bag by whole patches keeps every distance: TITAN's ALiBi is unchanged;
     # moving patches apart changes what the model sees
     moved = grid.clone()
-    moved[0, :10, 0] += 5.0
+    moved[0, :10, 1] += 5.0  # rows 0-1 move 5 rows down (2dmamba refuses two patches in one cell)
     assert not torch.allclose(model(x, coords=moved).logits, out.logits, rtol=1e-6, atol=1e-8)
     if name.startswith("titan"):
         torch.testing.assert_close(model(x, coords=grid + 3.0).logits, out.logits, rtol=1e-9, atol=1e-10)
@@ -354,4 +374,5 @@ def test_cli_table_lists_every_aggregator_with_its_parameter_count(capsys):
     for name in NAMES:
         expected = count_parameters(build_aggregator(name, 1024, 2)).trainable
         assert int(rows[name][2].strip().replace(",", "")) == expected
-        assert ("hidden_dim=512" in rows[name][5]) != (name in SLIDE), rows[name]
+        hidden = "hidden_dim=128" if name == "2dmamba" else "hidden_dim=512"  # 2DMamba: its authors' 128
+        assert (hidden in rows[name][5]) != (name in SLIDE), rows[name]
