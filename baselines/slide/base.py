@@ -91,6 +91,19 @@ class SlideEncoder(nn.Module):
 SLIDE_ARCHS: Registry[Callable[..., SlideEncoder]] = Registry("slide-encoder architecture")
 
 
+def config_kwargs(name: str, configs: Mapping[str, Mapping[str, Any]], config: str,
+                  overrides: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The constructor kwargs of slide encoder `name` at `config` (`base` first, then `configs[config]`,
+    then `overrides`); an unknown config or override is a ConfigError naming it and the known ones."""
+    if config not in configs:
+        raise ConfigError(f"slide encoder {name!r}: config must be 'published' or 'tiny', got {config!r}")
+    kwargs = {**(base or {}), **configs[config]}
+    unknown = sorted(set(overrides) - set(kwargs))
+    if unknown:
+        raise ConfigError(f"slide encoder {name!r}: unknown override(s) {unknown}; known: {sorted(kwargs)}")
+    return {**kwargs, **overrides}
+
+
 def build_slide_arch(name: str, config: str = "published", **overrides: Any) -> SlideEncoder:
     """Build the registered architecture `name` at `config` ("published" or "tiny")."""
     if config not in ("published", "tiny"):
@@ -98,4 +111,4 @@ def build_slide_arch(name: str, config: str = "published", **overrides: Any) -> 
     return SLIDE_ARCHS.get(name)(config=config, **overrides)
 
 
-__all__ = ["SlideEncoder", "SLIDE_ARCHS", "build_slide_arch"]
+__all__ = ["SlideEncoder", "SLIDE_ARCHS", "build_slide_arch", "config_kwargs"]

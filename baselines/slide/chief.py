@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from baselines.layers import masked_softmax, xavier_init
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
 from baselines.slide.feather import GatedAttentionScores, drop_prefixed
-from bench.common.errors import ConfigError
 
 _CONFIGS: dict[str, dict[str, Any]] = {
     "published": {"in_dim": 768, "hidden_dim": 512, "attn_dim": 256, "dropout": 0.25},  # size_arg "small"
@@ -83,14 +82,7 @@ class Chief(SlideEncoder):
 @SLIDE_ARCHS.decorator("chief")
 def build_chief(config: str = "published", **overrides: Any) -> SlideEncoder:
     """CHIEF's image branch on CTransPath features (768-d in, 768-d out)."""
-    if config not in _CONFIGS:
-        raise ConfigError(f"slide encoder 'chief': config must be 'published' or 'tiny', got {config!r}")
-    kwargs = dict(_CONFIGS[config])
-    unknown = sorted(set(overrides) - set(kwargs))
-    if unknown:
-        raise ConfigError(f"slide encoder 'chief': unknown override(s) {unknown}; known: {sorted(kwargs)}")
-    kwargs.update(overrides)
-    return Chief(**kwargs)
+    return Chief(**config_kwargs("chief", _CONFIGS, config, overrides))
 
 
 __all__ = ["Chief", "build_chief"]

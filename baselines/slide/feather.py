@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from baselines.layers import masked_softmax
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
-from bench.common.errors import ConfigError
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
 
 # sizes of the released checkpoints (MIL-Lab abmil/base.yaml) and the tiny test instance
 _CONFIGS: dict[str, dict[str, Any]] = {
@@ -111,14 +110,8 @@ class Feather(SlideEncoder):
 
 
 def _build(name: str, config: str, overrides: dict[str, Any]) -> Feather:
-    if config not in _CONFIGS:
-        raise ConfigError(f"slide encoder {name!r}: config must be 'published' or 'tiny', got {config!r}")
-    kwargs: dict[str, Any] = {"in_dim": _IN_DIM[name] if config == "published" else 16, **_CONFIGS[config]}
-    unknown = sorted(set(overrides) - set(kwargs))
-    if unknown:
-        raise ConfigError(f"slide encoder {name!r}: unknown override(s) {unknown}; known: {sorted(kwargs)}")
-    kwargs.update(overrides)
-    return Feather(**kwargs)
+    base = {"in_dim": _IN_DIM[name] if config == "published" else 16}
+    return Feather(**config_kwargs(name, _CONFIGS, config, overrides, base))
 
 
 @SLIDE_ARCHS.decorator("feather")

@@ -111,7 +111,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
 from bench.common.errors import ConfigError
 
 _NEG = -1e8  # the authors' log-sum-exp of a token a branch skips
@@ -428,14 +428,7 @@ class GigaPathSlide(SlideEncoder):
 @SLIDE_ARCHS.decorator("gigapath-slide")
 def build_gigapath_slide(config: str = "published", **overrides: Any) -> SlideEncoder:
     """Prov-GigaPath's slide encoder on GigaPath tile features (1536-d in, 768-d out)."""
-    if config not in _CONFIGS:
-        raise ConfigError(f"slide encoder 'gigapath-slide': config must be 'published' or 'tiny', got {config!r}")
-    kwargs = dict(_CONFIGS[config])
-    unknown = sorted(set(overrides) - set(kwargs))
-    if unknown:
-        raise ConfigError(f"slide encoder 'gigapath-slide': unknown override(s) {unknown}; known: {sorted(kwargs)}")
-    kwargs.update(overrides)
-    return GigaPathSlide(**kwargs)
+    return GigaPathSlide(**config_kwargs("gigapath-slide", _CONFIGS, config, overrides))
 
 
 __all__ = ["GigaPathSlide", "build_gigapath_slide", "dilated_attention", "dilated_branch", "combine_branches",

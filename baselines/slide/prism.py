@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.layers import masked_softmax
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
 
@@ -254,14 +254,7 @@ class Prism(SlideEncoder):
 @SLIDE_ARCHS.decorator("prism")
 def build_prism(config: str = "published", **overrides: Any) -> SlideEncoder:
     """PRISM's slide encoder on Virchow features (2560-d in, 1280-d out)."""
-    if config not in _CONFIGS:
-        raise ConfigError(f"slide encoder 'prism': config must be 'published' or 'tiny', got {config!r}")
-    kwargs = dict(_CONFIGS[config])
-    unknown = sorted(set(overrides) - set(kwargs))
-    if unknown:
-        raise ConfigError(f"slide encoder 'prism': unknown override(s) {unknown}; known: {sorted(kwargs)}")
-    kwargs.update(overrides)
-    return Prism(**kwargs)
+    return Prism(**config_kwargs("prism", _CONFIGS, config, overrides))
 
 
 __all__ = ["Prism", "build_prism"]

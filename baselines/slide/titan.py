@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
 
@@ -348,14 +348,7 @@ class Titan(SlideEncoder):
 @SLIDE_ARCHS.decorator("titan")
 def build_titan(config: str = "published", **overrides: Any) -> SlideEncoder:
     """TITAN's slide encoder on CONCH v1.5 features (768-d in, 768-d out); needs the patch grid positions."""
-    if config not in _CONFIGS:
-        raise ConfigError(f"slide encoder 'titan': config must be 'published' or 'tiny', got {config!r}")
-    kwargs = dict(_CONFIGS[config])
-    unknown = sorted(set(overrides) - set(kwargs))
-    if unknown:
-        raise ConfigError(f"slide encoder 'titan': unknown override(s) {unknown}; known: {sorted(kwargs)}")
-    kwargs.update(overrides)
-    return Titan(**kwargs)
+    return Titan(**config_kwargs("titan", _CONFIGS, config, overrides))
 
 
 __all__ = ["Titan", "alibi_bias", "alibi_slopes", "build_titan"]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from baselines.convert import check_hf_config, convert_state_dict, detect_kind
-from baselines.encoders import ENCODERS, EncoderSpec, build_encoder, register_encoder
+from baselines.encoders import EncoderSpec, build_encoder, register_encoder
 from bench.common.errors import ConfigError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -27,14 +27,6 @@ VIT = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=H
 DINO = dict(VIT, init_values=0.5)
 # SwiGLU: transformers' hidden (int(4 D * 2 / 3) + 7) // 8 * 8 = 88 -> fc1 176 = int(32 * 5.5)
 GLU = dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=5.5)
-
-
-@pytest.fixture
-def registry_guard():
-    before = set(ENCODERS.names())
-    yield
-    for name in set(ENCODERS.names()) - before:
-        del ENCODERS._items[name]
 
 
 def tiny(arch: str, seed: int, **kwargs) -> torch.nn.Module:

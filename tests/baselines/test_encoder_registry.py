@@ -31,14 +31,6 @@ PUBLISHED_PARAMS = {"uni": 303e6, "uni2-h": 681e6, "virchow": 632e6, "virchow2":
                     "gigapath": 1.13e9}
 
 
-@pytest.fixture
-def registry_guard():
-    before = set(ENCODERS.names())
-    yield
-    for name in set(ENCODERS.names()) - before:
-        del ENCODERS._items[name]
-
-
 def test_registry_has_the_issues_encoders_each_with_its_facts_and_source():
     names = set(ENCODERS.names())
     assert len(names) >= 24

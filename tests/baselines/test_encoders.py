@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from baselines.encoders import (
-    ENCODERS,
     EncoderSpec,
     build_encoder,
     get_encoder,
@@ -32,15 +31,6 @@ from bench.common.files import sha256_file
 TINY_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2,
                      no_embed_class=True, num_classes=0)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def registry_guard():
-    """Remove encoders a test registers, so tests stay independent."""
-    before = set(ENCODERS.names())
-    yield
-    for name in set(ENCODERS.names()) - before:
-        del ENCODERS._items[name]
 
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
