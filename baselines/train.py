@@ -555,10 +555,10 @@ def train_two_stage(bags: FoldBags, features: Mapping[str, Path], config: TwoSta
     n_ref = max(1, round(float(np.mean([store.n_instances(k) for k in keys["train"]]))))
     # ones, not zeros: TITAN drops all-zero grid cells as background
     example: dict[str, Any] = {"x": torch.ones(1, n_ref, store.dim, device=device)}
-    if getattr(model, "uses_coords", False):  # a square patch grid, row-major
-        side = math.ceil(math.sqrt(n_ref))
-        i = torch.arange(n_ref, device=device, dtype=torch.float32)
-        example["coords"] = torch.stack([i % side, torch.div(i, side, rounding_mode="floor")], dim=1)[None]
+    if getattr(model, "uses_coords", False):
+        from baselines.mil.base import square_grid
+
+        example["coords"] = square_grid(n_ref, device)
     flops = count_flops(model, example)
     costs = Costs(train_seconds=train_seconds, infer_seconds_per_slide=infer_seconds, peak_memory_mb=peak_mb,
                   params=params.total, flops=flops, device=device_name(device), trainable_params=params.trainable,

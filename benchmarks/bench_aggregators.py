@@ -154,9 +154,9 @@ def bag(name: str, model: object, n: int) -> dict[str, object]:
 
     inputs: dict[str, object] = {"x": torch.randn(1, n, feature_dim(name), generator=torch.Generator().manual_seed(n))}
     if getattr(model, "uses_coords", False):
-        side = math.ceil(math.sqrt(n))
-        i = torch.arange(n, dtype=torch.float32)
-        inputs["coords"] = torch.stack([i % side, torch.div(i, side, rounding_mode="floor")], dim=1)[None]
+        from baselines.mil.base import square_grid
+
+        inputs["coords"] = square_grid(n)
     return inputs
 
 

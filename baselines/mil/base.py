@@ -23,6 +23,7 @@ pass ``label=None`` for survival tasks, whose targets are not classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,14 @@ class MILOutput:
 # ---------------------------------------------------------------------------
 # Input checks: one place, used by every aggregator through MILAggregator.forward
 # ---------------------------------------------------------------------------
+
+
+def square_grid(n: int, device: Any = None) -> torch.Tensor:
+    """(1, n, 2) float32 grid positions (column, row) of n patches laid row-major on a ceil(sqrt(n))-wide
+    square: the stand-in bag layout of FLOP counts and benchmarks for aggregators with `uses_coords`."""
+    side = max(1, math.ceil(math.sqrt(n)))
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    return torch.stack([i % side, torch.div(i, side, rounding_mode="floor")], dim=1)[None]
 
 
 def check_coords(coords: Any, x: torch.Tensor) -> torch.Tensor:
