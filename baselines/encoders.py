@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from bench.common.errors import ConfigError, DataError
+from bench.common.errors import ConfigError, DataError, MissingFileError
 from bench.data.layout import check_name
 from bench.common.registry import Registry
 
@@ -56,7 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("avg", "cls", "mean", "cls+mean", "model")
 PRECISIONS = ("fp32", "bf16", "fp16")
 INTERPOLATIONS = ("bilinear", "bicubic")
-WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub", "custom")
+WEIGHTS_FORMATS = ("timm", "transformers", "torch-hub", "harness", "custom")
 # Formats whose published checkpoint is converted to the timm architecture's keys (baselines.convert).
 CONVERTED_FORMATS = ("transformers", "torch-hub")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -106,10 +106,13 @@ class EncoderSpec:
         weights_format: "timm" (a timm state dict / timm Hub repo); "transformers" (a Hugging Face
             ViTModel/Dinov2Model checkpoint) or "torch-hub" (an original DINOv2 module's state dict): converted
             to `architecture`'s keys by `baselines.convert` and loaded strictly (a transformers config.json beside
-            the weights is checked against the architecture); "custom": the authors' own module's state dict,
-            whose keys are not checked against the architecture built here (`HARNESS_ARCHS`), so it is not
-            loaded.
-        hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`).
+            the weights is checked against the architecture); "harness": the authors' own module's state dict,
+            mapped onto a harness architecture by its converter (`HARNESS_CONVERTERS`: CONCH v1.5's vision tower,
+            CTransPath) and loaded strictly; "custom": a checkpoint no converter knows, so it is not loaded
+            (architecture only: meta check, --random-init).
+        hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`);
+            may name a sub-folder ("fm_v1/ctranspath/CHIEF_CTransPath.pth").
+        hub_repo_type: "model" (default) or "dataset": the kind of Hub repo that holds the weights.
     """
 
     name: str
@@ -135,6 +138,7 @@ class EncoderSpec:
     source_note: str = ""
     weights_format: str = "timm"
     hub_filename: str | None = None
+    hub_repo_type: str = "model"
 
     def __post_init__(self) -> None:
         check_name("encoder", self.name)
@@ -159,6 +163,12 @@ class EncoderSpec:
         _check_choice(what, "pooling", self.pooling, POOLINGS)
         _check_choice(what, "interpolation", self.interpolation, INTERPOLATIONS)
         _check_choice(what, "weights_format", self.weights_format, WEIGHTS_FORMATS)
+        _check_choice(what, "hub_repo_type", self.hub_repo_type, ("model", "dataset"))
+        if self.weights_format == "harness" and self.architecture not in HARNESS_CONVERTERS:
+            raise ConfigError(f"{what}: weights_format 'harness' needs an architecture with a converter, one of "
+                              f"{sorted(HARNESS_CONVERTERS)}; got architecture {self.architecture!r}")
+        if self.hub_repo_type == "dataset" and self.hub_filename is None:
+            raise ConfigError(f"{what}: hub_repo_type 'dataset' needs hub_filename (the weights file in the dataset)")
         if self.hub_filename is not None and (not self.is_hub or self.architecture is None):
             raise ConfigError(f"{what}: hub_filename needs an 'hf-hub:' source and an architecture to load it into")
         if not isinstance(self.gated, bool):
@@ -238,6 +248,8 @@ class EncoderSpec:
         backbone, removed = self._backbone(source, seed, cache_dir)
         if self.weights_format in CONVERTED_FORMATS and source.kind in ("file", "dir", "hf-cache", "hub"):
             self._load_converted(backbone, source)
+        elif self.weights_format == "harness" and source.kind in ("file", "dir", "hf-cache", "hub"):
+            self._load_harness(backbone, source)
         # timm's hf-hub/local-dir loaders already loaded Hub models; everything else loads here
         elif source.kind == "file" or (source.kind in ("hf-cache", "hub") and not self._timm_loads_hub):
             assert source.path is not None
@@ -300,6 +312,24 @@ class EncoderSpec:
         converted = convert_state_dict(kind, state, target=backbone.state_dict(), what=what)
         load_into(backbone, converted, what=what)
 
+    def _file_in_folder(self, folder: Path) -> Path:
+        """A downloaded repo folder given for an entry whose weights are one named file (`hub_filename`)."""
+        name = str(self.hub_filename)
+        for candidate in (folder / name, folder / Path(name).name):
+            if candidate.is_file():
+                return candidate
+        raise MissingFileError(f"encoder {self.name!r}: weights folder {folder} holds no {name}; pass the weights "
+                               "file itself with --weights FILE")
+
+    def _load_harness(self, backbone: torch.nn.Module, source: WeightsSource) -> None:
+        """The authors' state dict -> the harness architecture, through its converter (`HARNESS_CONVERTERS`),
+        loaded strictly."""
+        assert source.path is not None
+        path = snapshot_weights_file(source.path) if source.kind == "dir" else source.path
+        what = f"encoder {self.name!r} ({path})"
+        converted = HARNESS_CONVERTERS[str(self.architecture)](load_state_dict_file(path), backbone, what)
+        load_into(backbone, converted, what=what)
+
     def _warn_if_normalisation_differs(self, backbone: torch.nn.Module) -> None:
         """The spec's mean/std are what the transform uses; say so when the Hub config disagrees."""
         from bench.common.console import warn
@@ -325,14 +355,17 @@ class EncoderSpec:
                 raise ConfigError(f"encoder {self.name!r}: give either weights={str(weights)!r} or random init, "
                                   "not both")
             return random_source()
-        if self.weights_format not in CONVERTED_FORMATS + ("timm",):
+        if self.weights_format == "custom":
             raise ConfigError(
                 f"encoder {self.name!r}: its published weights ({self.hub_repo or self.source}) are a "
                 f"{self.weights_format} checkpoint, not a timm state dict, and this harness has no converter for "
                 "them yet; only its architecture is registered (meta-device check, --random-init smoke tests). "
                 f"Licence: {self.licence or 'see the model page'} ({self.reference or self.source})")
         if weights is not None or self.weights is not None:
-            return local_source(weights if weights is not None else self.weights)  # type: ignore[arg-type]
+            given = Path(weights if weights is not None else self.weights).expanduser()  # type: ignore[arg-type]
+            if self.weights_format == "harness" and self.hub_filename and given.is_dir():
+                given = self._file_in_folder(given)
+            return local_source(given)
         if self.is_hub:
             files = (self.hub_filename,) if self.hub_filename else HUB_WEIGHT_FILES
             try:
@@ -340,7 +373,7 @@ class EncoderSpec:
                 # the registered architecture (baselines.convert.check_hf_config)
                 return hub_source(str(self.hub_repo), encoder=self.name, gated=self.gated,
                                   need_config=self.hub_filename is None, revision=self.revision,
-                                  filenames=files, cache_dir=cache_dir)
+                                  filenames=files, cache_dir=cache_dir, repo_type=self.hub_repo_type)
             except WeightsUnavailable as exc:
                 if not self.licence:
                     raise
@@ -458,23 +491,74 @@ class ConchV15Vision(torch.nn.Module):
     attentional pooler (1024 -> 768, 8 heads) -> LayerNorm(768); forward (B, 3, S, S) -> (B, 768).
 
     Facts from TRIDENT's patch_encoder_models/model_zoo/conchv1_5/conchv1_5.py (CONCHVisionTower:
-    vit_large with init_values 1.0, qkv bias, built at 224 with position embeddings interpolated to the
-    input, fed 448 px). The trunk here is timm's vit_large_patch16_224 with dynamic_img_size, whose
-    position-embedding interpolation may differ numerically from the iBOT code's.
+    iBOT-style vit_large with init_values 1.0, qkv bias, built at 224 and fed 448 px). The trunk is timm's
+    ViT (same parameter names as the published `pytorch_model_vision.bin`: trunk.*, attn_pool_contrast.*,
+    ln_contrast.*), but its token path is written here so that the position embedding is interpolated as the
+    iBOT code does (bicubic with scale factor (S/16 + 0.1) / 14, the DINO round-off guard), not as timm's
+    dynamic_img_size does (bicubic to a size): with timm's rule the 448 px features would differ.
+    `trunk_kwargs` override the ViT-L sizes (tiny instances in tests).
     """
 
-    def __init__(self, img_size: int = 224, d_model: int = 768, n_head: int = 8) -> None:
+    def __init__(self, img_size: int = 224, d_model: int = 768, n_head: int = 8,
+                 trunk_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         import timm
 
         self.trunk = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
-                                       init_values=1.0, dynamic_img_size=True)
+                                       init_values=1.0, dynamic_img_size=True, **dict(trunk_kwargs or {}))
         width = int(self.trunk.embed_dim)
         self.attn_pool_contrast = _AttentionalPooler(d_model, width, n_head=n_head, n_queries=1)
         self.ln_contrast = torch.nn.LayerNorm(d_model)
 
+    def position_embedding(self, rows: int, cols: int) -> torch.Tensor:
+        """(1, 1 + rows/16 * cols/16, width): the built grid's embedding, resampled as iBOT's
+        `interpolate_pos_encoding` does for an image of rows x cols pixels."""
+        import torch.nn.functional as F
+
+        pos = self.trunk.pos_embed
+        n = pos.shape[1] - 1
+        patch = self.trunk.patch_embed.patch_size[0]
+        grid_rows, grid_cols = rows // patch, cols // patch
+        if grid_rows * grid_cols == n and rows == cols:
+            return pos
+        side = math.sqrt(n)
+        grid = pos[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((grid_rows + 0.1) / side, (grid_cols + 0.1) / side), mode="bicubic")
+        if grid.shape[-2:] != (grid_rows, grid_cols):
+            raise ConfigError(f"CONCH v1.5: the position grid resampled to {tuple(grid.shape[-2:])}, not "
+                              f"{(grid_rows, grid_cols)}, for a {rows} x {cols} input")
+        return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, grid_rows * grid_cols, -1)), dim=1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + H/16 * W/16, width): the trunk's normed tokens (iBOT forward_features)."""
+        trunk = self.trunk
+        tokens = trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat((trunk.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        tokens = trunk.pos_drop(tokens + self.position_embedding(x.shape[-2], x.shape[-1]))
+        return trunk.norm(trunk.blocks(trunk.norm_pre(trunk.patch_drop(tokens))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+        return self.ln_contrast(self.attn_pool_contrast(self.forward_tokens(x))[:, 0])
+
+
+def _conch_v15_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                         what: str) -> dict[str, torch.Tensor]:
+    """The published pytorch_model_vision.bin -> ConchV15Vision's keys (the same names): its trunk.pos_embed
+    resampled to the built grid as TRIDENT's create_model_from_pretrained does (timm resample_abs_pos_embed,
+    bilinear, no antialias, class position kept) when the sizes differ."""
+    from timm.layers import resample_abs_pos_embed
+
+    out = dict(state)
+    key = "trunk.pos_embed"
+    built = model.state_dict().get(key)
+    if key in out and built is not None and out[key].shape != built.shape:
+        if out[key].ndim != 3 or out[key].shape[-1] != built.shape[-1]:
+            raise ConfigError(f"{what}: {key} has shape {tuple(out[key].shape)}; the architecture needs width "
+                              f"{built.shape[-1]} (is this CONCH v1.5's vision tower?)")
+        out[key] = resample_abs_pos_embed(out[key], new_size=list(model.trunk.patch_embed.grid_size),
+                                          num_prefix_tokens=1, interpolation="bilinear", antialias=False,
+                                          verbose=False)
+    return out
 
 
 class _ConvStem(torch.nn.Module):
@@ -507,17 +591,39 @@ class _ConvStem(torch.nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, C, h, w) -> (B, h, w, C)
 
 
-def _ctranspath(img_size: int = 224) -> torch.nn.Module:
+def _ctranspath(img_size: int = 224, **swin_kwargs: Any) -> torch.nn.Module:
     """Swin-T/4 window 7 with the conv stem (TRIDENT model_zoo/ctranspath/ctran.py builds timm_ctp's
-    swin_tiny_patch4_window7_224 with embed_layer=ConvStem and an identity head): (B, 3, 224, 224) -> (B, 768)."""
+    swin_tiny_patch4_window7_224 with embed_layer=ConvStem and an identity head): (B, 3, 224, 224) -> (B, 768).
+    `swin_kwargs` override the Swin-T sizes (tiny instances in tests)."""
     import timm
 
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size,
-                             embed_layer=_ConvStem)
+                             embed_layer=_ConvStem, **swin_kwargs)
+
+
+def _ctranspath_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                          what: str) -> dict[str, torch.Tensor]:
+    """CHIEF_CTransPath.pth (timm_ctp 0.5.4's Swin layout, already unwrapped from its 'model' key) -> timm 1.x.
+
+    The old layout downsamples at the end of a stage (`layers.i.downsample`, i = 0..2) and stores the
+    `attn_mask` / `relative_position_index` buffers; timm 1.x downsamples at the start of the next stage and
+    rebuilds the buffers. timm's own `swin_transformer.checkpoint_filter_fn` (written for the original
+    Microsoft checkpoints, which have the old layout) does exactly this mapping, so it is used as is; the
+    2 x 2 merge order of PatchMerging is the same in both versions.
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    if not any(k.startswith("layers.") for k in state):
+        raise ConfigError(f"{what}: no 'layers.N' keys: this is not a Swin (CTransPath) state dict")
+    out = checkpoint_filter_fn(dict(state), model)
+    return {k: v for k, v in out.items() if not k.startswith("head.")}  # the published head is Identity
 
 
 # architectures built here (name -> builder(**architecture_kwargs) returning a module whose forward gives (B, D))
 HARNESS_ARCHS: dict[str, Any] = {"harness:conch-v15-vision": ConchV15Vision, "harness:ctranspath": _ctranspath}
+# their published checkpoints -> the built module's keys: converter(state_dict, model, what) (weights_format "harness")
+HARNESS_CONVERTERS: dict[str, Any] = {"harness:conch-v15-vision": _conch_v15_published,
+                                      "harness:ctranspath": _ctranspath_published}
 
 
 # ------------------------------------------------------------------------------ modules
@@ -656,7 +762,7 @@ _CONFIG_KEYS = {
     "gated": bool, "pooling": str, "timm_kwargs": dict, "architecture": str, "architecture_kwargs": dict,
     "truncate_after": str, "interpolation": str, "resize_to": int, "revision": str, "weights": str,
     "reference": str, "magnification": str, "licence": str, "source_note": str, "weights_format": str,
-    "hub_filename": str,
+    "hub_filename": str, "hub_repo_type": str,
 }
 
 
@@ -769,5 +875,5 @@ __all__ = [
     "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
     "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
     "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT", "WEIGHTS_FORMATS",
-    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "ConchV15Vision",
+    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "HARNESS_CONVERTERS", "ConchV15Vision",
 ]

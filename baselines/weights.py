@@ -196,6 +196,7 @@ def load_into(
 def hub_source(
     repo_id: str, *, encoder: str, gated: bool, need_config: bool, revision: str | None = None,
     filenames: Sequence[str] = HUB_WEIGHT_FILES, cache_dir: str | os.PathLike[str] | None = None,
+    repo_type: str = "model",
 ) -> WeightsSource:
     """Steps 2 and 3: the local HF cache, else a download from the Hub.
 
@@ -205,38 +206,49 @@ def hub_source(
         gated: whether the repository needs an accepted licence (for the error message).
         need_config: also fetch config.json (models built through timm's `hf-hub:` loader).
         revision: branch, tag or commit; default "main".
-        filenames: candidate weight files, first found wins.
+        filenames: candidate weight files (paths inside the repo, sub-folders allowed), first found wins.
+        repo_type: "model", or "dataset" for weights kept in a dataset repo (CTransPath in MahmoodLab/hest-bench).
     """
-    cached = _from_cache(repo_id, revision, filenames, need_config, cache_dir)
+    cached = _from_cache(repo_id, revision, filenames, need_config, cache_dir, repo_type)
     if cached is not None:
         path, commit = cached
         return WeightsSource(kind="hf-cache", weights_id=f"hf:{repo_id}@{commit}", path=path,
                              hub_ref=f"{repo_id}@{commit}")
-    path = _download(repo_id, revision, filenames, need_config, cache_dir, encoder=encoder, gated=gated)
-    commit = path.parent.name  # snapshots/<commit>/<file>
+    path = _download(repo_id, revision, filenames, need_config, cache_dir, encoder=encoder, gated=gated,
+                     repo_type=repo_type)
+    commit = snapshot_commit(path)
     return WeightsSource(kind="hub", weights_id=f"hf:{repo_id}@{commit}", path=path, hub_ref=f"{repo_id}@{commit}")
 
 
+def snapshot_commit(path: Path) -> str:
+    """The commit of a file in the HF cache: the folder under `snapshots/` that holds it (`.../snapshots/<commit>/
+    sub/dir/file`); the parent folder's name where the path is not in that layout."""
+    for parent in path.parents:
+        if parent.parent.name == "snapshots":
+            return parent.name
+    return path.parent.name
+
+
 def _from_cache(repo_id: str, revision: str | None, filenames: Sequence[str], need_config: bool,
-                cache_dir: str | os.PathLike[str] | None) -> tuple[Path, str] | None:
+                cache_dir: str | os.PathLike[str] | None, repo_type: str = "model") -> tuple[Path, str] | None:
     from huggingface_hub import try_to_load_from_cache
 
     weights = None
     for name in filenames:
-        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision, repo_type=repo_type)
         if isinstance(found, str):
             weights = Path(found)
             break
     if weights is None:
         return None
     if need_config and not isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir,
-                                                             revision=revision), str):
+                                                             revision=revision, repo_type=repo_type), str):
         return None
-    return weights, weights.parent.name
+    return weights, snapshot_commit(weights)
 
 
 def _download(repo_id: str, revision: str | None, filenames: Sequence[str], need_config: bool,
-              cache_dir: str | os.PathLike[str] | None, *, encoder: str, gated: bool) -> Path:
+              cache_dir: str | os.PathLike[str] | None, *, encoder: str, gated: bool, repo_type: str = "model") -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -249,7 +261,7 @@ def _download(repo_id: str, revision: str | None, filenames: Sequence[str], need
     )
 
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, repo_type=repo_type))
 
     try:
         if need_config:
@@ -279,19 +291,21 @@ def _download(repo_id: str, revision: str | None, filenames: Sequence[str], need
         why = f"the Hub answered HTTP {status}"
     except OSError as exc:  # DNS failure, refused connection, timeout
         why = f"the Hub cannot be reached ({type(exc).__name__})"
-    raise WeightsUnavailable(how_to_provide(encoder, repo_id, why, gated))
+    raise WeightsUnavailable(how_to_provide(encoder, repo_id, why, gated, repo_type))
 
 
-def how_to_provide(encoder: str, repo_id: str, why: str, gated: bool) -> str:
+def how_to_provide(encoder: str, repo_id: str, why: str, gated: bool, repo_type: str = "model") -> str:
     """The message for missing weights: which model, why, and the ways to provide them."""
-    access = (f"request access at https://huggingface.co/{repo_id} with the account whose token you use, then "
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    dataset = " --repo-type dataset" if repo_type == "dataset" else ""
+    access = (f"request access at {page} with the account whose token you use, then "
               if gated else "")
     return (
         f"cannot load weights for encoder {encoder!r} from Hugging Face repo {repo_id}: {why}. "
         f"To provide them: (1) {access}set HF_TOKEN in the environment or log in (`hf auth login`, formerly "
         "`huggingface-cli login`), and run once with network access (the files are then cached and later "
         "runs work offline with HF_HUB_OFFLINE=1); or (2) download the weights file (or the whole repo with `hf download "
-        f"{repo_id} --local-dir DIR`) and pass it with --weights FILE|DIR, or `weights = \"FILE\"` "
+        f"{repo_id}{dataset} --local-dir DIR`) and pass it with --weights FILE|DIR, or `weights = \"FILE\"` "
         "for this encoder in the suite file; or (3) for a smoke test only, --random-init (recorded as "
         "weights id 'random-init')."
     )
@@ -299,5 +313,6 @@ def how_to_provide(encoder: str, repo_id: str, why: str, gated: bool) -> str:
 
 __all__ = [
     "RANDOM_INIT", "WeightsSource", "WeightsUnavailable", "random_source", "local_source", "hub_source",
+    "snapshot_commit",
     "load_state_dict_file", "load_into", "how_to_provide", "snapshot_weights_file",
 ]

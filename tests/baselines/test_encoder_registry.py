@@ -90,7 +90,7 @@ def test_an_input_size_the_architecture_cannot_take_is_named(tmp_path):
 @pytest.mark.parametrize("body,pattern", [
     ('mean = [0.5, 0.5]', r"encoders.toml: encoder 'bad': mean must be 3 finite numbers"),
     ('pooling = "max"', r"encoder 'bad': pooling must be one of"),
-    ('weights_format = "onnx"', r"encoder 'bad': weights_format must be one of timm, transformers, torch-hub, custom"),
+    ('weights_format = "onnx"', r"encoder 'bad': weights_format must be one of timm, transformers, torch-hub, harness, custom"),
     ('embdim = 3', r"encoder 'bad' has unknown keys 'embdim'"),
     ('licence = 3', r"encoder 'bad' key 'licence' must be a str"),
 ])
@@ -135,7 +135,7 @@ def test_attentional_pooler_is_one_query_softmax_attention_written_out():
     torch.testing.assert_close(pool(x[:, torch.randperm(5)]), expected, rtol=0, atol=1e-12)
 
 
-def test_architectures_built_here_name_the_published_keys_and_refuse_the_unconverted_checkpoint():
+def test_architectures_built_here_name_the_published_keys():
     conch, ctp = get_encoder("conch-v15"), get_encoder("ctranspath")
     assert (conch.embed_dim, conch.input_size, ctp.embed_dim, ctp.input_size) == (768, 448, 768, 224)
     with torch.device("meta"):
@@ -149,9 +149,14 @@ def test_architectures_built_here_name_the_published_keys_and_refuse_the_unconve
     stem = {k: tuple(v.shape) for k, v in swin.patch_embed.state_dict().items() if k.endswith("weight")}
     assert stem == {"proj.0.weight": (12, 3, 3, 3), "proj.1.weight": (12,), "proj.3.weight": (24, 12, 3, 3),
                     "proj.4.weight": (24,), "proj.6.weight": (96, 24, 1, 1), "norm.weight": (96,)}
-    for spec in (conch, ctp):
-        with pytest.raises(ConfigError, match=rf"'{spec.name}': its published weights .* are a custom checkpoint"):
-            spec.resolve_weights()
+    assert conch.weights_format == ctp.weights_format == "harness"  # loaded through HARNESS_CONVERTERS
+
+
+def test_a_custom_checkpoint_is_refused_with_its_licence(registry_guard):
+    register_encoder(EncoderSpec("tiny-custom", "hf-hub:test-org/custom", 96, weights_format="custom",
+                                 architecture="harness:ctranspath", hub_filename="w.pth", licence="GPL-3.0"))
+    with pytest.raises(ConfigError, match=r"'tiny-custom': its published weights .* are a custom checkpoint.*GPL-3.0"):
+        get_encoder("tiny-custom").resolve_weights()
 
 
 def test_ctranspath_random_init_runs_on_cpu_and_gives_768_d():
