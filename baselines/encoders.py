@@ -619,11 +619,116 @@ def _ctranspath_published(state: Mapping[str, torch.Tensor], model: torch.nn.Mod
     return {k: v for k, v in out.items() if not k.startswith("head.")}  # the published head is Identity
 
 
+class MuskVision(torch.nn.Module):
+    """MUSK's image path (BEiT-3 `musk_large_patch16_384`, vision experts only) on timm's ViT:
+    forward (B, 3, 384, 384) -> the final-norm CLS token (B, 1024), or with `multiscale` (B, 2048).
+
+    Facts from lilab-stanford/MUSK@714b666 (musk/modeling.py `_get_large_config`: 1024-d, 24 layers, 16 heads,
+    FFN 4096, multiway, normalize_output; torchscale EncoderConfig defaults: pre-norm, sub-LN, LayerNorm eps 1e-5,
+    exact GELU, no relative position, no embedding scale). An image-only forward uses only the multiway "A"
+    (vision) experts, so BEiT-3 reduces to a pre-norm ViT with sub-LayerNorms: one before the attention output
+    projection (timm `scale_attn_norm`) and one before fc2 (timm `scale_mlp_norm`); its position table starts at
+    row 2 (fairseq offset). `multiscale` is MUSK's `ms_aug` (utils.MultiScaleForward, scales 1 and 2): the CLS
+    of the image and the mean CLS of the 4 tiles of the image upsampled 2x (bicubic), concatenated; the MUSK
+    README recommends it for linear probes and MIL, TRIDENT leaves it off. `vit_kwargs` override the ViT-L sizes
+    (tiny instances in tests).
+    """
+
+    def __init__(self, img_size: int = 384, multiscale: bool = False, **vit_kwargs: Any) -> None:
+        super().__init__()
+        from functools import partial
+
+        import timm
+
+        sizes = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4.0, **vit_kwargs}
+        self.vit = timm.create_model("vit_large_patch16_384", pretrained=False, num_classes=0, img_size=img_size,
+                                     qkv_bias=True, scale_attn_norm=True, scale_mlp_norm=True,
+                                     norm_layer=partial(torch.nn.LayerNorm, eps=1e-5), **sizes)
+        self.multiscale = bool(multiscale)
+
+    def cls(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(x)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.multiscale:
+            return self.cls(x)
+        import torch.nn.functional as F
+
+        b, _, size, _ = x.shape
+        up = F.interpolate(x.float(), size=2 * size, mode="bicubic").to(x.dtype)
+        tiles = torch.cat([up[..., r:r + size, c:c + size] for r in (0, size) for c in (0, size)])  # (4B, 3, S, S)
+        # MUSK resamples both scales in float32 (scale 1 too, which only rounds a float64 input)
+        return torch.cat((self.cls(x.float().to(x.dtype)), self.cls(tiles).unflatten(0, (4, b)).mean(0)), dim=-1)
+
+
+_MUSK_LAYER = {
+    "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "self_attn.inner_attn_ln": "attn.norm",
+    "self_attn.out_proj": "attn.proj", "ffn.fc1": "mlp.fc1", "ffn.fc2": "mlp.fc2", "ffn.ffn_layernorm": "mlp.norm",
+}
+
+
+def _musk_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """MUSK's model.safetensors (BEiT-3 keys, `beit3.` prefix) -> MuskVision: the vision ("A") experts mapped onto
+    timm names, q/k/v fused in that order, the position table's rows from 2 on (resampled bicubic to the built
+    grid as MUSK's load_model_and_may_interpolate does, if its grid differs); the text experts ("B"), text
+    embedding, mask token, projection heads and logit scale are dropped (an image embedding without the head,
+    as TRIDENT and the MUSK README use it)."""
+    import torch.nn.functional as F
+
+    sd = {k.removeprefix("module.").removeprefix("beit3."): v for k, v in state.items()}
+    if "encoder.embed_positions.A.weight" not in sd:
+        raise ConfigError(f"{what}: no beit3.encoder.embed_positions.A.weight: this is not a MUSK (BEiT-3) "
+                          "state dict")
+    out: dict[str, torch.Tensor] = {}
+    unmapped = []
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if ".B." in key or key.startswith(("text_embed.", "language_head.", "vision_head.")) or key in (
+                "logit_scale", "vision_embed.mask_token", "encoder.embed_positions.B.weight"):
+            continue
+        if key in ("vision_embed.proj.weight", "vision_embed.proj.bias"):
+            out["vit.patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key == "vision_embed.cls_token":
+            out["vit.cls_token"] = value
+        elif key == "encoder.embed_positions.A.weight":
+            out["vit.pos_embed"] = value[2:].unsqueeze(0)  # fairseq: positions start at 2
+        elif key.startswith("encoder.layer_norm.A."):
+            out["vit.norm." + key.rsplit(".", 1)[1]] = value
+        elif ".A." not in key:
+            unmapped.append(key)
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
+                               key.replace(".A.", ".")):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key.replace(".A.", ".")):
+            if m.group(2) not in _MUSK_LAYER:
+                unmapped.append(key)
+                continue
+            out[f"vit.blocks.{m.group(1)}.{_MUSK_LAYER[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            unmapped.append(key)
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ConfigError(f"{what}: layer {layer} lacks {sorted({'q', 'k', 'v'} - set(parts))}_proj.A.{kind}")
+        out[f"vit.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if unmapped:
+        raise ConfigError(f"{what}: keys with no place in MUSK's image path: {unmapped[:5]}")
+    built = model.state_dict()["vit.pos_embed"]
+    pos = out.get("vit.pos_embed")
+    if pos is not None and pos.shape != built.shape and pos.shape[-1] == built.shape[-1]:
+        old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(built.shape[1] - 1)
+        grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False).to(pos.dtype)
+        out["vit.pos_embed"] = torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+    return out
+
+
 # architectures built here (name -> builder(**architecture_kwargs) returning a module whose forward gives (B, D))
-HARNESS_ARCHS: dict[str, Any] = {"harness:conch-v15-vision": ConchV15Vision, "harness:ctranspath": _ctranspath}
+HARNESS_ARCHS: dict[str, Any] = {"harness:conch-v15-vision": ConchV15Vision, "harness:ctranspath": _ctranspath,
+                                 "harness:musk-vision": MuskVision}
 # their published checkpoints -> the built module's keys: converter(state_dict, model, what) (weights_format "harness")
 HARNESS_CONVERTERS: dict[str, Any] = {"harness:conch-v15-vision": _conch_v15_published,
-                                      "harness:ctranspath": _ctranspath_published}
+                                      "harness:ctranspath": _ctranspath_published,
+                                      "harness:musk-vision": _musk_published}
 
 
 # ------------------------------------------------------------------------------ modules
@@ -875,5 +980,5 @@ __all__ = [
     "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
     "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
     "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT", "WEIGHTS_FORMATS",
-    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "HARNESS_CONVERTERS", "ConchV15Vision",
+    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "HARNESS_CONVERTERS", "ConchV15Vision", "MuskVision",
 ]

@@ -37,7 +37,7 @@ def test_registry_has_the_issues_encoders_each_with_its_facts_and_source():
     for required in ("uni", "uni2-h", "virchow", "virchow2", "gigapath", "h-optimus-0", "h-optimus-1", "h0-mini",
                      "phikon", "phikon-v2", "hibou-b", "hibou-l", "midnight-12k", "gpfm", "kaiko-vits16",
                      "kaiko-vitb8", "kaiko-vitl14", "lunit-vits8", "resnet50-trunc", "resnet18-trunc", "conch-v15",
-                     "ctranspath"):
+                     "ctranspath", "musk"):
         assert required in names, required
     for name, spec in ENCODERS.items():
         assert spec.reference and spec.source_note and spec.licence and spec.magnification, name

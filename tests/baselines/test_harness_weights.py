@@ -1,12 +1,14 @@
 """Published checkpoints of the architectures built here (weights_format "harness"): CONCH v1.5's vision tower
-and CTransPath.
+CTransPath and MUSK.
 
 The checkpoints are written by the tests in the authors' layout: CONCH v1.5's `pytorch_model_vision.bin` keeps
 the module's names but a position grid of another size; CHIEF_CTransPath.pth is timm_ctp 0.5.4's Swin layout
 (downsample at the end of a stage, attn_mask buffers), made here by an explicit inverse mapping and wrapped in a
 'model' key. The CTransPath file goes through the real registry entry from a Hub *dataset* repo in a local HF
 cache, offline. Against the authors' own modules (TRIDENT a91fa84, timm_ctp 0.5.4), float64, random weights, the
-session check measured: CONCH v1.5 (tiny sizes) <= 6.4e-16 at 224/256/448 px, CTransPath (full size) 0.0.
+session check measured: CONCH v1.5 (tiny sizes) <= 6.4e-16 at 224/256/448 px, CTransPath (full size) 0.0, MUSK (tiny
+BEiT-3, lilab-stanford/MUSK@714b666) 2e-8 with the authors' float32 GELU/softmax, 3e-16 with those casts removed
+(both with and without ms_aug).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from baselines.encoders import (
     HARNESS_CONVERTERS,
     ConchV15Vision,
     EncoderSpec,
+    MuskVision,
     build_encoder,
     get_encoder,
     register_encoder,
@@ -168,3 +171,121 @@ def test_missing_dataset_weights_name_the_dataset_page_and_command(tmp_path, mon
 def test_bad_harness_fields_are_errors_naming_the_entry(fields, message):
     with pytest.raises(ConfigError, match=rf"encoder 'bad': {message}"):
         EncoderSpec("bad", "hf-hub:org/repo", 768, **fields)
+
+
+# ------------------------------------------------------------------------------ MUSK (BEiT-3 image path)
+TINY_MUSK = dict(img_size=32, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+MUSK_LAYER_NAMES = {  # timm name -> BEiT-3 module path (the multiway "A" expert sits before the last part)
+    "norm1": "self_attn_layer_norm.A", "norm2": "final_layer_norm.A", "attn.norm": "self_attn.inner_attn_ln.A",
+    "attn.proj": "self_attn.out_proj.A", "mlp.fc1": "ffn.A.fc1", "mlp.fc2": "ffn.A.fc2",
+    "mlp.norm": "ffn.A.ffn_layernorm",
+}
+
+
+def tiny_musk(seed: int = 0, multiscale: bool = False) -> MuskVision:
+    torch.manual_seed(seed)
+    model = MuskVision(multiscale=multiscale, **TINY_MUSK).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def beit3_layout(model: MuskVision) -> dict[str, torch.Tensor]:
+    """MuskVision -> the published MUSK keys, written out here: A experts, q/k/v split, the position table with its
+    two fairseq rows in front, plus the parts an image forward never uses (B experts, text, heads)."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {
+        "beit3.vision_embed.proj.weight": sd["vit.patch_embed.proj.weight"],
+        "beit3.vision_embed.proj.bias": sd["vit.patch_embed.proj.bias"],
+        "beit3.vision_embed.cls_token": sd["vit.cls_token"],
+        "beit3.vision_embed.mask_token": torch.randn(1, 1, 32, dtype=torch.float64),
+        "beit3.encoder.embed_positions.A.weight": torch.cat((torch.randn(2, 32, dtype=torch.float64),
+                                                            sd["vit.pos_embed"][0])),
+        "beit3.encoder.embed_positions.B.weight": torch.randn(10, 32, dtype=torch.float64),
+        "beit3.encoder.layer_norm.A.weight": sd["vit.norm.weight"], "beit3.encoder.layer_norm.A.bias": sd["vit.norm.bias"],
+        "beit3.encoder.layer_norm.B.weight": torch.randn(32, dtype=torch.float64),
+        "beit3.text_embed.weight": torch.randn(7, 32, dtype=torch.float64),
+        "vision_head.weight": torch.randn(32, 32, dtype=torch.float64),
+        "language_head.weight": torch.randn(32, 32, dtype=torch.float64), "logit_scale": torch.tensor(2.0),
+    }
+    for i in range(TINY_MUSK["depth"]):
+        base = f"beit3.encoder.layers.{i}"
+        q, k, v = sd[f"vit.blocks.{i}.attn.qkv.weight"].chunk(3)
+        qb, kb, vb = sd[f"vit.blocks.{i}.attn.qkv.bias"].chunk(3)
+        for name, w, b in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
+            out[f"{base}.self_attn.{name}_proj.A.weight"], out[f"{base}.self_attn.{name}_proj.A.bias"] = w, b
+            out[f"{base}.self_attn.{name}_proj.B.weight"] = torch.randn_like(w)
+        for ours, theirs in MUSK_LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                out[f"{base}.{theirs}.{kind}"] = sd[f"vit.blocks.{i}.{ours}.{kind}"]
+        out[f"{base}.ffn.B.fc1.weight"] = torch.randn_like(sd[f"vit.blocks.{i}.mlp.fc1.weight"])
+    return out
+
+
+def load_musk(state: dict[str, torch.Tensor], multiscale: bool = False) -> MuskVision:
+    from baselines.weights import load_into
+
+    model = MuskVision(multiscale=multiscale, **TINY_MUSK).double().eval()
+    load_into(model, HARNESS_CONVERTERS["harness:musk-vision"](state, model, "musk file"), what="musk file")
+    return model
+
+
+def test_musk_published_layout_maps_onto_the_timm_image_path():
+    source = tiny_musk()
+    loaded = load_musk(beit3_layout(source))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=1e-12)
+    # q, k and v land in timm's fused qkv in that order (distinct constants)
+    state = beit3_layout(source)
+    for n, value in zip("qkv", (1.0, 2.0, 3.0)):
+        state[f"beit3.encoder.layers.0.self_attn.{n}_proj.A.weight"] = torch.full((32, 32), value, dtype=torch.float64)
+    qkv = load_musk(state).vit.blocks[0].attn.qkv.weight.detach()
+    assert [float(part.mean()) for part in qkv.chunk(3)] == [1.0, 2.0, 3.0]
+
+
+def test_musk_image_path_is_a_prenorm_vit_with_sub_layernorms():
+    """One block written out: x + proj(LN_sub(attn(LN1 x))), then + fc2(LN_sub(gelu(fc1(LN2 x)))); final LN; CLS."""
+    model = tiny_musk()
+    vit = model.vit
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    t = torch.cat((vit.cls_token.expand(2, -1, -1), vit.patch_embed.proj(x).flatten(2).transpose(1, 2)), 1) + vit.pos_embed
+    for blk in vit.blocks:
+        h = blk.norm1(t)
+        q, k, v = blk.attn.qkv(h).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+        t = t + blk.attn.proj(blk.attn.norm(a.transpose(1, 2).flatten(2)))
+        t = t + blk.mlp.fc2(blk.mlp.norm(F.gelu(blk.mlp.fc1(blk.norm2(t)))))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit.norm(t)[:, 0], rtol=0, atol=1e-12)
+    assert isinstance(blk.attn.norm, torch.nn.LayerNorm) and blk.attn.norm.eps == 1e-5
+
+
+def test_musk_multiscale_concatenates_the_image_and_the_mean_of_its_upsampled_tiles():
+    model = tiny_musk(multiscale=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    up = F.interpolate(x.float(), size=64, mode="bicubic").double()
+    tiles = [up[..., r:r + 32, c:c + 32] for r in (0, 32) for c in (0, 32)]
+    with torch.no_grad():
+        expected = torch.cat((model.cls(x.float().double()), torch.stack([model.cls(t) for t in tiles]).mean(0)), -1)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    assert get_encoder("musk-ms").embed_dim == 2 * get_encoder("musk").embed_dim == 2048
+
+
+def test_musk_position_table_of_another_grid_is_resampled_and_bad_files_are_refused():
+    state = beit3_layout(tiny_musk())
+    state["beit3.encoder.embed_positions.A.weight"] = torch.randn(2 + 1 + 16, 32, dtype=torch.float64)  # 4 x 4 grid
+    model = load_musk(state)
+    assert model.vit.pos_embed.shape == (1, 1 + 4, 32)  # the built 2 x 2 grid
+    torch.testing.assert_close(model.vit.pos_embed[0, 0], state["beit3.encoder.embed_positions.A.weight"][2],
+                               rtol=0, atol=0)  # the class row is kept, the fairseq rows dropped
+    with pytest.raises(ConfigError, match=r"musk file: no beit3.encoder.embed_positions.A.weight"):
+        load_musk({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)})
+    state = beit3_layout(tiny_musk())
+    state["beit3.encoder.layers.0.self_attn.rel_bias.A.weight"] = torch.zeros(3)
+    with pytest.raises(ConfigError, match=r"no place in MUSK's image path: \['encoder.layers.0.self_attn.rel_bias.A"):
+        load_musk(state)
+    del state["beit3.encoder.layers.0.self_attn.rel_bias.A.weight"], state["beit3.encoder.layers.1.self_attn.v_proj.A.bias"]
+    with pytest.raises(ConfigError, match=r"layer 1 lacks \['v'\]_proj.A.bias"):
+        load_musk(state)
