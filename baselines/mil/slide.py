@@ -7,7 +7,9 @@ its records and the leaderboards run it like any other aggregator. Two modes, on
 - ``probe`` (aggregator ``<name>``): the slide encoder is frozen (no gradients, kept in eval mode
   so its dropout is off while the head trains); only the linear head learns: the usual linear probe
   of a slide foundation model.
-- ``finetune`` (aggregator ``<name>-ft``): encoder and head train together.
+- ``finetune`` (aggregator ``<name>-ft``): encoder and head train together. ``checkpoint_layers``
+  (default true) recomputes the repeated layers' activations in backward (GigaPath, PRISM, TITAN):
+  same gradients, ~1 extra forward of time, a fraction of the memory (BENCHMARKS.md, slide encoders).
 
 ``init = "published"`` loads the authors' weights (``weights`` = a local file, else the Hub
 snapshot of the registry's source, honouring HF_HUB_OFFLINE); the slide encoder then only makes sense
@@ -46,7 +48,8 @@ class SlideEncoderMIL(MILAggregator):
     permutation_invariant = False  # set per encoder at registration (True where it ignores positions)
 
     def __init__(self, in_dim: int, n_outputs: int, encoder: str = "feather", mode: str = "probe",
-                 init: str = "random", config: str = "published", weights: str | None = None) -> None:
+                 init: str = "random", config: str = "published", weights: str | None = None,
+                 checkpoint_layers: bool = True) -> None:
         from baselines.encoders_slide import SLIDE_ENCODERS
         from baselines.slide import build_slide_arch
 
@@ -76,6 +79,11 @@ class SlideEncoderMIL(MILAggregator):
         if self.mode == "probe":
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+        elif not isinstance(checkpoint_layers, bool):
+            raise ConfigError(f"slide encoder {encoder!r}: checkpoint_layers must be true or false, "
+                              f"got {checkpoint_layers!r}")
+        else:
+            self.encoder.set_checkpointing(checkpoint_layers)
 
     def train(self, mode: bool = True) -> SlideEncoderMIL:
         super().train(mode)

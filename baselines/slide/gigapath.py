@@ -111,7 +111,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs, run_layer
 from bench.common.errors import ConfigError
 
 _NEG = -1e8  # the authors' log-sum-exp of a token a branch skips
@@ -284,6 +284,8 @@ class EncoderLayer(nn.Module):
 class LongNetEncoder(nn.Module):
     """The first `n_layers` of the authors' LongNet encoder (`encoder.layers.*`)."""
 
+    checkpoint_layers = False  # SlideEncoder.set_checkpointing
+
     def __init__(self, n_layers: int, depth: int, embed_dim: int, num_heads: int, ffn_dim: int,
                  segment_lengths: Sequence[int], dilated_ratios: Sequence[int], dropout: float,
                  drop_path_rate: float) -> None:
@@ -296,7 +298,7 @@ class LongNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, lengths)
+            x = run_layer(self.checkpoint_layers, layer, x, lengths)
         return x
 
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.layers import masked_softmax
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs, run_layer
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
 
@@ -141,6 +141,8 @@ class SelfAttention(nn.Module):
 class Perceiver(nn.Module):
     """Learned latents refined by (shared) cross-attention and self-attention blocks."""
 
+    checkpoint_layers = False  # SlideEncoder.set_checkpointing: each layer's cross-attention over the tiles
+
     def __init__(self, latent_seq: int, latent_dim: int, context_dim: int, mhsa_heads: int, perceiver_depth: int,
                  transformer_depth: int, share_xattn_start_layer: int, share_tf_start_layer: int,
                  xattn_heads: int, mlp_mult: int) -> None:
@@ -172,7 +174,7 @@ class Perceiver(nn.Module):
         for i, layer in enumerate(self.layers):
             # the authors reuse the previous layer's keys/values where W_kv is shared; recomputing
             # them from the unchanged context gives the same values
-            out, w = layer["xattn"]["xattn"](x, context, mask, record=i == last)
+            out, w = run_layer(self.checkpoint_layers, layer["xattn"]["xattn"], x, context, mask, i == last)
             weights = w if w is not None else weights
             x = out + x
             x = layer["xattn"]["ff"](x) + x

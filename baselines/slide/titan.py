@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs
+from baselines.slide.base import SLIDE_ARCHS, SlideEncoder, config_kwargs, run_layer
 from baselines.slide.feather import drop_prefixed
 from bench.common.errors import ConfigError
 
@@ -180,13 +180,15 @@ class Block(nn.Module):
 class Blocks(nn.Module):
     """The block stack under `modules_list`, the name of the authors' CustomSequential."""
 
+    checkpoint_layers = False  # SlideEncoder.set_checkpointing
+
     def __init__(self, blocks: list[Block]) -> None:
         super().__init__()
         self.modules_list = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         for block in self.modules_list:
-            x = block(x, bias)
+            x = run_layer(self.checkpoint_layers, block, x, bias)
         return x
 
 

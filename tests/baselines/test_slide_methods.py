@@ -40,6 +40,35 @@ def test_probe_trains_only_the_head_and_finetuning_trains_the_encoder(name):
     assert tuned.encoder.training
 
 
+@pytest.mark.parametrize("name, n_layers", [("prism", 2), ("titan", 2), ("gigapath-slide", 2)])
+def test_checkpointed_fine_tuning_gives_the_same_gradients(name, n_layers, monkeypatch):
+    """checkpoint_layers (the -ft default) recomputes each repeated layer in backward; dropout on (train mode),
+    float64: the gradients match the plain run, and the layers really ran under torch's checkpoint."""
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    original = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
+    grads = {}
+    for checkpointed in (False, True):
+        model = build_aggregator(f"{name}-ft", 12, 2, seed=0, config="tiny",
+                                 checkpoint_layers=checkpointed).double().train()
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 17, 12, generator=gen, dtype=torch.float64)
+        i = torch.arange(17.0, dtype=torch.float64)
+        grid = {"coords": torch.stack([i % 5, i // 5], dim=1)[None].expand(2, -1, -1)} if model.uses_coords else {}
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        loss = torch.nn.functional.cross_entropy(model(x, **grid).logits, torch.tensor([1, 0]))
+        loss.backward()
+        grads[checkpointed] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) >= n_layers  # the repeated layers went through checkpoint, only in the second run
+    assert grads[False].keys() == grads[True].keys() and len(grads[True]) > 5
+    for key, g in grads[False].items():
+        torch.testing.assert_close(grads[True][key], g, rtol=0, atol=1e-12, msg=key)
+    with pytest.raises(ConfigError, match=r"checkpoint_layers must be true or false, got 'yes'"):
+        build_aggregator(f"{name}-ft", 12, 2, seed=0, config="tiny", checkpoint_layers="yes")
+
+
 def test_published_weights_load_from_a_local_file_with_the_authors_prefix(tmp_path):
     from baselines.slide import build_slide_arch
 
