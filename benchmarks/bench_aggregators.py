@@ -288,9 +288,10 @@ NEW_AGGREGATORS = ("rrt-mil", "wikg", "clam-mb", "dtfd-mil", "maxmil", "abmilx-f
 LIMIT_MIB = 24 * 1024  # the 24 GiB the cost columns are judged against
 
 
-def train_step(name: str, n: int) -> tuple[float, float]:
+def train_step(name: str, n: int) -> tuple[float, float, float]:
     """Seconds and peak RSS growth (MiB) of one training step on a (1, n, D) bag, 2 classes (a probe's
-    step trains only its linear head, the encoder runs without gradient)."""
+    step trains only its linear head, the encoder runs without gradient), and the part of that growth that
+    does not depend on n: the gradients and AdamW's two moment buffers of the trainable parameters (MiB)."""
     import torch
     import torch.nn.functional as F
 
@@ -314,29 +315,45 @@ def train_step(name: str, n: int) -> tuple[float, float]:
         loss.backward()
         opt.step()
         seconds = time.perf_counter() - t0
-    return seconds, peak.mb - start_rss
+    fixed = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    return seconds, peak.mb - start_rss, fixed
 
 
 class Guard:
-    """Runs a measurement unless the peak it would reach, extrapolated linearly from the last size the same
-    measurement ran at, passes 24 GiB or 80% of the free memory (a lower bound: attention memory grows
-    faster than linearly); then it is skipped and flagged with that estimate."""
+    """Runs a measurement unless the peak it would reach passes 24 GiB or 80% of the free memory; then it is
+    skipped and flagged with that estimate. The estimate is linear in N (a lower bound where attention memory
+    grows faster than linearly): through the last two sizes the step ran at where there are two, else the
+    step's size-independent memory (a training step's gradients and AdamW buffers, reported by the step) plus
+    the rest of the one peak measured, scaled with N."""
 
     def __init__(self) -> None:
-        self.measured: dict[str, tuple[int, float]] = {}  # key -> (N, MiB) of the last size that ran
+        self.measured: dict[str, tuple[int, float, float]] = {}  # key -> (N, MiB, fixed MiB) of the last run
+        self.previous: dict[str, tuple[int, float]] = {}  # key -> (N, MiB) of the run before it
 
-    def run(self, key: str, n: int, step: Callable[[], tuple[float, float]]) -> tuple[str, str, float | None, float]:
-        """(seconds cell, MiB cell, seconds or None, MiB or the estimate / inf) of `step` at n instances."""
-        if key in self.measured:
-            n0, mib0 = self.measured[key]
-            need = mib0 * n / n0
-            if need > min(0.8 * mem_available_mib(), LIMIT_MIB):
-                return f"skipped: >= {need / 1024:,.0f} GiB (x{n / n0:.0f} of N = {n0:,})", "-", None, need
+    def estimate(self, key: str, n: int) -> float | None:
+        if key not in self.measured:
+            return None
+        n1, mib1, fixed = self.measured[key]
+        if key in self.previous and self.previous[key][0] < n1:
+            n0, mib0 = self.previous[key]
+            return mib1 + max(mib1 - mib0, 0.0) * (n - n1) / (n1 - n0)
+        return fixed + max(mib1 - fixed, 0.0) * n / n1
+
+    def run(self, key: str, n: int, step: Callable[[], tuple[float, ...]]) -> tuple[str, str, float | None, float]:
+        """(seconds cell, MiB cell, seconds or None, MiB or the estimate / inf) of `step` at n instances;
+        `step` returns (seconds, MiB) or (seconds, MiB, size-independent MiB)."""
+        need = self.estimate(key, n)
+        if need is not None and need > min(0.8 * mem_available_mib(), LIMIT_MIB):
+            sizes = [self.measured[key][0]] + ([self.previous[key][0]] if key in self.previous else [])
+            return (f"skipped: >= {need / 1024:,.0f} GiB (estimated from N = "
+                    f"{' and '.join(f'{m:,}' for m in sorted(sizes))})"), "-", None, need
         try:
-            seconds, mib = step()
+            seconds, mib, *rest = step()
         except (MemoryError, RuntimeError) as exc:  # an allocation that does not fit
             return f"failed: {type(exc).__name__}", "-", None, math.inf
-        self.measured[key] = (n, max(mib, 1.0))
+        if key in self.measured:
+            self.previous[key] = self.measured[key][:2]
+        self.measured[key] = (n, max(mib, 1.0), rest[0] if rest else 0.0)
         return f"{seconds:.3f}", f"{mib:,.0f}", seconds, mib
 
 
@@ -347,7 +364,7 @@ def new_aggregators_section(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     guard = Guard()
     for n in args.sizes:
-        base_train, _ = train_step("abmil", n)
+        base_train, *_ = train_step("abmil", n)
         base_eval, _ = infer("abmil", n, repeats=1)
         for name in args.new or NEW_AGGREGATORS:
             ts, tm, tsec, tmib = guard.run(f"{name} train", n, lambda: train_step(name, n))
@@ -385,9 +402,15 @@ def slide_section(args: argparse.Namespace) -> None:
           "eval MiB | x ABMIL | 24 GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     guard = Guard()
+    calibrate = max(2, min(args.sizes) // 2)  # a smaller size first, unprinted: two points for the memory estimate
+    for name in names:
+        if slide_need_mib(name, calibrate) < LIMIT_MIB:
+            guard.run(f"{name} probe", calibrate, lambda: train_step(name, calibrate))
+            guard.run(f"{name} ft", calibrate, lambda: train_step(f"{name}-ft", calibrate))
+            guard.run(f"{name} eval", calibrate, lambda: infer(name, calibrate, repeats=1))
 
     for n in args.sizes:
-        base_train, _ = train_step("abmil", n)
+        base_train, *_ = train_step("abmil", n)
         base_eval, _ = infer("abmil", n, repeats=1)
         for name in names:
             d = SLIDE_ENCODERS.get(AGGREGATORS.get(name).defaults["encoder"]).patch_dim

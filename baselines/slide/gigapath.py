@@ -137,23 +137,31 @@ _CONFIGS: dict[str, dict[str, Any]] = {
 _ATTN_CHUNK = 1 << 26  # score entries per attention chunk (256 MB in fp32)
 
 
-def _softmax_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.einsum("gqd,gkd->gqk", q, k) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("gqk,gkd->gqd", torch.exp(scores - lse[..., None]), v), lse
+
+
+def _softmax_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention per group. q, k, v: (G, T, d); returns out (G, T, d) and lse (G, T) (natural log
-    of the softmax normaliser of scale * q k^T), computed in chunks of groups to bound memory."""
+    of the softmax normaliser of scale * q k^T), computed in chunks of groups to bound memory. With
+    `checkpointed` (fine-tuning) each chunk's score matrices are recomputed in backward instead of kept,
+    the memory flash-attn saves in the authors' code."""
     g, t, _ = q.shape
     step = max(1, _ATTN_CHUNK // max(1, t * t))
     outs, lses = [], []
     for i in range(0, g, step):
-        scores = torch.einsum("gqd,gkd->gqk", q[i:i + step], k[i:i + step]) * scale
-        lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.einsum("gqk,gkd->gqd", torch.exp(scores - lse[..., None]), v[i:i + step]))
+        out, lse = run_layer(checkpointed, _attention_chunk, q[i:i + step], k[i:i + step], v[i:i + step], scale)
+        outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
 
 
 def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_length: int,
-                   dilated_ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   dilated_ratio: int, checkpointed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One (segment length, dilation) branch of LongNet's dilated attention on unpadded sequences.
 
     q, k, v: (B, L, H, d). Returns out (B, L, H, d) and lse (B, L, H); a token the branch does not give to
@@ -174,7 +182,7 @@ def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_le
         x = x[:, :, :, offsets, head_idx]  # (B, n_seg, seg_pad / r, H, d)
         return x.permute(0, 1, 3, 2, 4).reshape(b * n_seg * heads, seg_pad // r, dim)
 
-    out, lse = _softmax_attention_lse(sparse(q), sparse(k), sparse(v), dim ** -0.5)
+    out, lse = _softmax_attention_lse(sparse(q), sparse(k), sparse(v), dim ** -0.5, checkpointed)
     out = out.view(b, n_seg, heads, seg_pad // r, dim).permute(0, 1, 3, 2, 4)  # (B, n_seg, S/r, H, d)
     lse = lse.view(b, n_seg, heads, seg_pad // r).permute(0, 1, 3, 2)  # (B, n_seg, S/r, H)
     onehot = torch.zeros(r, heads, dtype=torch.bool, device=q.device)
@@ -195,17 +203,19 @@ def combine_branches(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor])
 
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
-                      dilated_ratios: Sequence[int]) -> torch.Tensor:
+                      dilated_ratios: Sequence[int], checkpointed: bool = False) -> torch.Tensor:
     """LongNet's dilated attention on unpadded sequences. q, k, v: (B, L, H, d) -> (B, L, H, d)."""
     if len(segment_lengths) != len(dilated_ratios) or not segment_lengths:
         raise ConfigError(f"dilated attention: segment_lengths {list(segment_lengths)} and dilated_ratios "
                           f"{list(dilated_ratios)} must be non-empty and of the same length")
-    branches = [dilated_branch(q, k, v, w, r) for w, r in zip(segment_lengths, dilated_ratios)]
+    branches = [dilated_branch(q, k, v, w, r, checkpointed) for w, r in zip(segment_lengths, dilated_ratios)]
     return combine_branches([o for o, _ in branches], [lse for _, lse in branches])
 
 
 class DilatedAttention(nn.Module):
     """Self-attention with LongNet's dilated branches, then `inner_attn_ln` and `out_proj` (subln)."""
+
+    checkpoint_layers = False  # SlideEncoder.set_checkpointing: score matrices recomputed in backward
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
                  dilated_ratios: Sequence[int], eps: float = 1e-5) -> None:
@@ -228,13 +238,13 @@ class DilatedAttention(nn.Module):
         split = lambda t: t.view(b, length, self.num_heads, dim // self.num_heads)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         if lengths is None or bool((lengths == length).all()):
-            attn = dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios)
+            attn = dilated_attention(q, k, v, self.segment_lengths, self.dilated_ratios, self.checkpoint_layers)
         else:  # one pass per distinct bag length, on the valid prefix: the authors' segmenting of that bag
             attn = q.new_zeros(q.shape)
             for n in torch.unique(lengths).tolist():
                 idx = (lengths == n).nonzero(as_tuple=True)[0]
                 attn[idx, :n] = dilated_attention(q[idx, :n], k[idx, :n], v[idx, :n],
-                                                  self.segment_lengths, self.dilated_ratios)
+                                                  self.segment_lengths, self.dilated_ratios, self.checkpoint_layers)
         return self.out_proj(self.inner_attn_ln(attn.reshape(b, length, dim)))
 
 
