@@ -69,12 +69,19 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
 def test_cpu_peak_memory_is_positive_grows_with_a_big_array_and_resets():
+    import mmap
+
+    # an anonymous mapping is always fresh pages: a heap allocation could reuse memory that an earlier test left
+    # resident (then the RSS, and so its peak, would not grow; seen once in a full CI run)
     with PeakMemory("cpu") as first:
         base = _rss_mb()
-        big = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        buf = mmap.mmap(-1, 300 * 2**20)
+        big = np.frombuffer(buf, dtype=np.uint8)
+        big[:] = 1  # 300 MiB, touched
     assert first.kind == "peak_rss_since_reset"
     assert first.mb - base == pytest.approx(300, rel=0.15)
     del big
+    buf.close()
     with PeakMemory("cpu") as second:
         small = np.ones(2**20)
     del small
