@@ -9,7 +9,6 @@ No transformers import, no download.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -247,29 +246,6 @@ def test_config_json_is_checked_against_the_architecture():
 # ------------------------------------------------------------------------------ through the registry, offline
 
 
-def hub_snapshot(tmp_path, monkeypatch, repo: str, files: dict) -> "object":
-    """An HF-cache snapshot of `repo` at COMMIT holding `files` (name -> tensors dict or JSON dict), offline."""
-    import huggingface_hub.constants as hf_constants
-
-    cache = tmp_path / "hf-cache"
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    snap = folder / "snapshots" / COMMIT
-    snap.mkdir(parents=True)
-    for name, content in files.items():
-        if name.endswith(".json"):
-            (snap / name).write_text(json.dumps(content))
-        elif name.endswith(".safetensors"):
-            save_file({k: v.contiguous() for k, v in content.items()}, str(snap / name))
-        else:
-            torch.save(content, snap / name)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    return snap
-
-
 VIT_CONFIG = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": D, "num_hidden_layers": DEPTH,
               "num_attention_heads": HEADS, "intermediate_size": 4 * D, "patch_size": PATCH, "image_size": IMG,
               "qkv_bias": True, "hidden_act": "gelu", "layer_norm_eps": 1e-6}
@@ -281,11 +257,12 @@ def phikon_like(name: str, **extra) -> EncoderSpec:
                        architecture_kwargs=VIT, licence="other (test)", **extra)
 
 
-def test_phikon_like_hub_snapshot_loads_offline_through_the_registry(tmp_path, monkeypatch, registry_guard):
+def test_phikon_like_hub_snapshot_loads_offline_through_the_registry(hf_snapshot, registry_guard):
     src = tiny("vit_base_patch16_224", 3, **VIT).float()
     state = to_transformers_vit(src.state_dict())
-    snap = hub_snapshot(tmp_path, monkeypatch, "test-org/tiny-phikon",
-                        {"model.safetensors": {k: v.float() for k, v in state.items()}, "config.json": VIT_CONFIG})
+    snap = hf_snapshot("test-org/tiny-phikon",
+                       {"model.safetensors": {k: v.float() for k, v in state.items()}, "config.json": VIT_CONFIG},
+                       COMMIT)
     register_encoder(phikon_like("tiny-phikon"))
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
@@ -302,22 +279,22 @@ def test_phikon_like_hub_snapshot_loads_offline_through_the_registry(tmp_path, m
             torch.testing.assert_close(enc.model(x), want, rtol=0, atol=1e-5)
 
 
-def test_hub_config_that_disagrees_with_the_entry_names_the_field(tmp_path, monkeypatch, registry_guard):
+def test_hub_config_that_disagrees_with_the_entry_names_the_field(hf_snapshot, registry_guard):
     src = tiny("vit_base_patch16_224", 3, **VIT).float()
-    hub_snapshot(tmp_path, monkeypatch, "test-org/tiny-phikon",
-                 {"model.safetensors": to_transformers_vit(src.state_dict()),
-                  "config.json": {**VIT_CONFIG, "num_attention_heads": 4}})
+    hf_snapshot("test-org/tiny-phikon",
+                {"model.safetensors": to_transformers_vit(src.state_dict()),
+                 "config.json": {**VIT_CONFIG, "num_attention_heads": 4}}, COMMIT)
     register_encoder(phikon_like("tiny-phikon-bad"))
     with pytest.raises(ConfigError, match=r"num_attention_heads = 4 in config.json but 2 in the timm model"):
         build_encoder("tiny-phikon-bad")
 
 
-def test_torch_hub_file_in_a_hub_repo_loads_offline(tmp_path, monkeypatch, registry_guard):
+def test_torch_hub_file_in_a_hub_repo_loads_offline(tmp_path, hf_snapshot, registry_guard):
     """OpenMidnight-style: a bare original-DINOv2 state dict under hub_filename, into timm's reg4 SwiGLU ViT."""
     kw = {**DINO, **GLU, "reg_tokens": 4}
     src = tiny("vit_base_patch14_reg4_dinov2", 5, **kw).float()
     state = to_torch_hub(src.state_dict(), torch.randn(1, 1, D))
-    hub_snapshot(tmp_path, monkeypatch, "test-org/tiny-hub", {"teacher.pt": state})
+    hf_snapshot("test-org/tiny-hub", {"teacher.pt": state}, COMMIT)
     register_encoder(EncoderSpec("tiny-hub", "hf-hub:test-org/tiny-hub", D, input_size=IMG, pooling="model",
                                  weights_format="torch-hub", hub_filename="teacher.pt",
                                  architecture="vit_base_patch14_reg4_dinov2",

@@ -105,10 +105,10 @@ def test_the_shipped_file_is_what_was_registered():
     assert REGISTRY_FILE.name == "encoders.toml" and REGISTRY_FILE.parent.name == "baselines"
 
 
-def test_transformers_checkpoints_are_looked_up_on_the_hub_and_random_init_builds(tmp_path, monkeypatch):
+def test_transformers_checkpoints_are_looked_up_on_the_hub_and_random_init_builds(hf_snapshot):
     """Converted formats (baselines/convert.py) resolve like timm Hub repos; offline without a cache the message
     names the pinned repo, the licence and the model page."""
-    hub_file_cache(tmp_path, monkeypatch, "other/repo", "x.pth", {"a": torch.zeros(1)})
+    hf_snapshot("other/repo", {"x.pth": {"a": torch.zeros(1)}}, COMMIT)
     with pytest.raises(WeightsUnavailable, match=r"'phikon' from Hugging Face repo owkin/phikon.*offline.*"
                                                  r"Licence of 'phikon': other"):
         get_encoder("phikon").resolve_weights()
@@ -166,27 +166,12 @@ def test_ctranspath_random_init_runs_on_cpu_and_gives_768_d():
     assert out.shape == (2, 768) and torch.isfinite(out).all()
 
 
-def hub_file_cache(tmp_path, monkeypatch, repo: str, filename: str, state: dict) -> None:
-    """A Hub repo that holds one plain weights file (no timm config), in the HF cache layout, offline."""
-    import huggingface_hub.constants as hf_constants
-
-    cache = tmp_path / "hf-cache"
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "snapshots" / COMMIT).mkdir(parents=True)
-    torch.save(state, folder / "snapshots" / COMMIT / filename)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-
-def test_hub_filename_loads_a_plain_weights_file_from_the_cache_offline(tmp_path, monkeypatch, registry_guard):
+def test_hub_filename_loads_a_plain_weights_file_from_the_cache_offline(hf_snapshot, registry_guard):
     """GPFM-style: the Hub repo holds a bare state dict, loaded into the registered timm architecture."""
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     torch.manual_seed(4)
     source_model = timm.create_model("vit_small_patch16_224", **args).eval()
-    hub_file_cache(tmp_path, monkeypatch, "test-org/plain", "w.pth", source_model.state_dict())
+    hf_snapshot("test-org/plain", {"w.pth": source_model.state_dict()}, COMMIT)
     register_encoder(EncoderSpec("tiny-plain", "hf-hub:test-org/plain", 32, input_size=32, pooling="cls",
                                  hub_filename="w.pth", architecture="vit_small_patch16_224",
                                  architecture_kwargs=args))
@@ -197,8 +182,8 @@ def test_hub_filename_loads_a_plain_weights_file_from_the_cache_offline(tmp_path
         torch.testing.assert_close(enc.model(x), source_model.forward_features(x)[:, 0], rtol=0, atol=1e-6)
 
 
-def test_missing_weights_of_a_licensed_encoder_name_the_licence_and_model_page(tmp_path, monkeypatch):
-    hub_file_cache(tmp_path, monkeypatch, "other/repo", "x.pth", {"a": torch.zeros(1)})
+def test_missing_weights_of_a_licensed_encoder_name_the_licence_and_model_page(hf_snapshot):
+    hf_snapshot("other/repo", {"x.pth": {"a": torch.zeros(1)}}, COMMIT)
     with pytest.raises(WeightsUnavailable) as err:
         get_encoder("virchow2").resolve_weights()
     msg = str(err.value)

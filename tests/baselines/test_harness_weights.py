@@ -112,22 +112,7 @@ def old_swin_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def dataset_cache(tmp_path, monkeypatch, repo: str, filename: str, obj) -> None:
-    import huggingface_hub.constants as hf_constants
-
-    cache = tmp_path / "hf-cache"
-    folder = cache / f"datasets--{repo.replace('/', '--')}"
-    target = folder / "snapshots" / COMMIT / filename
-    target.parent.mkdir(parents=True)
-    torch.save(obj, target)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-
-def test_ctranspath_old_layout_loads_from_a_hub_dataset_offline(tmp_path, monkeypatch):
+def test_ctranspath_old_layout_loads_from_a_hub_dataset_offline(hf_snapshot):
     source = build_encoder("ctranspath", random_init=True, seed=3).model.backbone
     with torch.no_grad():
         for module in source.modules():
@@ -138,7 +123,7 @@ def test_ctranspath_old_layout_loads_from_a_hub_dataset_offline(tmp_path, monkey
     state = old_swin_layout(source.state_dict())
     assert "layers.0.downsample.reduction.weight" in state and "layers.3.downsample.reduction.weight" not in state
     spec = get_encoder("ctranspath")
-    dataset_cache(tmp_path, monkeypatch, "MahmoodLab/hest-bench", spec.hub_filename, {"model": state})
+    hf_snapshot("MahmoodLab/hest-bench", {spec.hub_filename: {"model": state}}, COMMIT, repo_type="dataset")
     enc = build_encoder("ctranspath")
     assert enc.weights_id == f"hf:MahmoodLab/hest-bench@{COMMIT}"  # the snapshot commit, not the sub-folder name
     x = torch.randn(2, 3, 224, 224)
@@ -152,8 +137,8 @@ def test_ctranspath_converter_refuses_a_state_dict_that_is_not_a_swin():
         HARNESS_CONVERTERS["harness:ctranspath"]({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, model, "ctp file")
 
 
-def test_missing_dataset_weights_name_the_dataset_page_and_command(tmp_path, monkeypatch):
-    dataset_cache(tmp_path, monkeypatch, "other/dataset", "x.pth", {"a": torch.zeros(1)})
+def test_missing_dataset_weights_name_the_dataset_page_and_command(hf_snapshot):
+    hf_snapshot("other/dataset", {"x.pth": {"a": torch.zeros(1)}}, COMMIT, repo_type="dataset")
     with pytest.raises(WeightsUnavailable) as err:
         get_encoder("ctranspath").resolve_weights()
     msg = str(err.value)
