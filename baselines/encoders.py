@@ -108,7 +108,7 @@ class EncoderSpec:
             to `architecture`'s keys by `baselines.convert` and loaded strictly (a transformers config.json beside
             the weights is checked against the architecture); "harness": the authors' own module's state dict,
             mapped onto a harness architecture by its converter (`HARNESS_CONVERTERS`: CONCH v1.5's vision tower,
-            CTransPath) and loaded strictly; "custom": a checkpoint no converter knows, so it is not loaded
+            CTransPath, MUSK) and loaded strictly; "custom": a checkpoint no converter knows, so it is not loaded
             (architecture only: meta check, --random-init).
         hub_filename: a weights file inside a Hub repo that is not a timm repo (loaded into `architecture`);
             may name a sub-folder ("fm_v1/ctranspath/CHIEF_CTransPath.pth").
@@ -495,7 +495,7 @@ class ConchV15Vision(torch.nn.Module):
     ViT (same parameter names as the published `pytorch_model_vision.bin`: trunk.*, attn_pool_contrast.*,
     ln_contrast.*), but its token path is written here so that the position embedding is interpolated as the
     iBOT code does (bicubic with scale factor (S/16 + 0.1) / 14, the DINO round-off guard), not as timm's
-    dynamic_img_size does (bicubic to a size): with timm's rule the 448 px features would differ.
+    dynamic_img_size would (bicubic to a size): with timm's rule the 448 px features would differ.
     `trunk_kwargs` override the ViT-L sizes (tiny instances in tests).
     """
 
@@ -505,7 +505,7 @@ class ConchV15Vision(torch.nn.Module):
         import timm
 
         self.trunk = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
-                                       init_values=1.0, dynamic_img_size=True, **dict(trunk_kwargs or {}))
+                                       init_values=1.0, **dict(trunk_kwargs or {}))
         width = int(self.trunk.embed_dim)
         self.attn_pool_contrast = _AttentionalPooler(d_model, width, n_head=n_head, n_queries=1)
         self.ln_contrast = torch.nn.LayerNorm(d_model)
@@ -591,14 +591,13 @@ class _ConvStem(torch.nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, C, h, w) -> (B, h, w, C)
 
 
-def _ctranspath(img_size: int = 224, **swin_kwargs: Any) -> torch.nn.Module:
+def _ctranspath(img_size: int = 224) -> torch.nn.Module:
     """Swin-T/4 window 7 with the conv stem (TRIDENT model_zoo/ctranspath/ctran.py builds timm_ctp's
-    swin_tiny_patch4_window7_224 with embed_layer=ConvStem and an identity head): (B, 3, 224, 224) -> (B, 768).
-    `swin_kwargs` override the Swin-T sizes (tiny instances in tests)."""
+    swin_tiny_patch4_window7_224 with embed_layer=ConvStem and an identity head): (B, 3, 224, 224) -> (B, 768)."""
     import timm
 
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size,
-                             embed_layer=_ConvStem, **swin_kwargs)
+                             embed_layer=_ConvStem)
 
 
 def _ctranspath_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module,
@@ -673,7 +672,7 @@ def _musk_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module, w
     grid as MUSK's load_model_and_may_interpolate does, if its grid differs); the text experts ("B"), text
     embedding, mask token, projection heads and logit scale are dropped (an image embedding without the head,
     as TRIDENT and the MUSK README use it)."""
-    import torch.nn.functional as F
+    from timm.layers import resample_abs_pos_embed
 
     sd = {k.removeprefix("module.").removeprefix("beit3."): v for k, v in state.items()}
     if "encoder.embed_positions.A.weight" not in sd:
@@ -715,10 +714,10 @@ def _musk_published(state: Mapping[str, torch.Tensor], model: torch.nn.Module, w
     built = model.state_dict()["vit.pos_embed"]
     pos = out.get("vit.pos_embed")
     if pos is not None and pos.shape != built.shape and pos.shape[-1] == built.shape[-1]:
-        old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(built.shape[1] - 1)
-        grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False).to(pos.dtype)
-        out["vit.pos_embed"] = torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+        # MUSK's formula (float32 bicubic to the new size, align_corners False, class row kept) is timm's
+        out["vit.pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.vit.patch_embed.grid_size),
+                                                      num_prefix_tokens=1, interpolation="bicubic",
+                                                      antialias=False, verbose=False)
     return out
 
 
@@ -980,5 +979,6 @@ __all__ = [
     "EncoderSpec", "PatchEncoder", "PatchTransform", "LoadedEncoder", "ENCODERS", "register_encoder",
     "register_encoder_from_config", "spec_from_config", "get_encoder", "build_encoder",
     "IMAGENET_MEAN", "IMAGENET_STD", "POOLINGS", "PRECISIONS", "RANDOM_INIT", "WEIGHTS_FORMATS",
-    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "HARNESS_CONVERTERS", "ConchV15Vision", "MuskVision",
+    "REGISTRY_FILE", "load_registry_file", "check_on_meta", "HARNESS_ARCHS", "HARNESS_CONVERTERS", "ConchV15Vision",
+    "MuskVision",
 ]

@@ -45,7 +45,6 @@ class SlideEncoder(nn.Module):
     """
 
     uses_coords: bool = False
-    checkpoint_layers: bool = False
 
     def __init__(self, in_dim: int, embed_dim: int) -> None:
         super().__init__()
